@@ -1,0 +1,54 @@
+"""Promotion gates: thresholds from params applied to evaluation metrics, with readable reasons."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    metric: str
+    value: float
+    threshold: float
+    direction: str  # ">=" or "<="
+    passed: bool
+    reason: str
+
+
+def check_gate(name: str, metric: str, value: float, threshold: float, direction: str) -> GateResult:
+    passed = value >= threshold if direction == ">=" else value <= threshold
+    verdict = "ok" if passed else "FAILED"
+    reason = f"{metric} = {value:.4f}, must be {direction} {threshold:.4f}: {verdict}"
+    return GateResult(name, metric, float(value), float(threshold), direction, bool(passed), reason)
+
+
+def evaluate_gates(metrics: dict[str, float], gates: dict[str, float]) -> dict:
+    """Apply ``min_<x>`` / ``max_<x>`` thresholds to the namespaced metrics they name.
+
+    ``gates`` maps a gate name to its threshold; GATE_METRICS says which metric each gate reads.
+    """
+    results = []
+    for name, threshold in gates.items():
+        metric = GATE_METRICS[name]
+        if metric not in metrics:
+            raise KeyError(f"gate {name} reads metric {metric!r}, which evaluation did not produce")
+        direction = ">=" if name.startswith("min_") else "<="
+        results.append(check_gate(name, metric, metrics[metric], threshold, direction))
+    failed = [r for r in results if not r.passed]
+    return {
+        "passed": not failed,
+        "failed": [r.name for r in failed],
+        "reasons": [r.reason for r in failed],
+        "gates": [asdict(r) for r in results],
+    }
+
+
+GATE_METRICS = {
+    "min_accuracy": "quality/accuracy",
+    "min_macro_f1": "quality/macro_f1",
+    "max_group_accuracy_gap": "bias/max_group_accuracy_gap",
+    "max_counterfactual_flip_rate": "bias/counterfactual_flip_rate",
+    "max_counterfactual_accuracy_gap": "bias/counterfactual_accuracy_gap",
+    "max_expected_calibration_error": "quality/expected_calibration_error",
+}

@@ -1,0 +1,97 @@
+"""The `tuneloop` command: a thin adapter from the command line to the pipeline steps."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+from pipelines.config import Environment, load_params
+from pipelines.datastore import init_project
+from pipelines.io import read_json
+from pipelines.tracking import use_experiment
+from serving.inference import MANIFEST_FILE
+
+log = logging.getLogger("tuneloop")
+
+SAMPLE_PATH = Path("data/sample/intents.csv")
+
+
+def _with_venv_on_path() -> dict[str, str]:
+    """DVC runs stage commands through the shell: make `python` there the one running tuneloop."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    result = init_project(
+        env.project_dir, env.project_dir / args.sample, Path(params.data.raw_path), env.dvc_remote_url
+    )
+    print(
+        f"DVC repo {'created' if result.created_dvc_repo else 'ready'}; data {params.data.raw_path} "
+        f"(md5 {result.data_md5}){' copied from the sample' if result.copied_sample else ''}; "
+        f"remote '{result.remote}' at {result.remote_url}: {result.pushed_files} file(s) pushed"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """init (unless skipped), then `dvc repro`, then attach the final dvc.lock to the MLflow run."""
+    env = Environment.from_env()
+    if not args.skip_init and cmd_init(args) != 0:
+        return 1
+    repro = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", *(["--force"] if args.force else [])],
+        cwd=env.project_dir, env=_with_venv_on_path(), check=False,
+    )
+    if repro.returncode != 0:
+        print("dvc repro failed: see the stage output above; nothing was promoted.", file=sys.stderr)
+        return repro.returncode
+    manifest = read_json(env.project_dir / "models/adapter" / MANIFEST_FILE)
+    use_experiment(env)
+    with mlflow.start_run(run_id=manifest["mlflow_run_id"]) as run:
+        mlflow.log_text((env.project_dir / "dvc.lock").read_text(encoding="utf-8"), "lineage/dvc.lock")
+    metrics = read_json(env.project_dir / "metrics/evaluate.json")
+    gates = read_json(env.project_dir / "metrics/gates.json")
+    print(
+        f"MLflow run {run.info.run_id} in {env.tracking_uri}: accuracy {metrics['quality/accuracy']:.4f}, "
+        f"macro-F1 {metrics['quality/macro_f1']:.4f}; gates "
+        + ("passed" if gates["passed"] else "FAILED: " + "; ".join(gates["reasons"]))
+    )
+    print(f"Browse it with: mlflow ui --backend-store-uri {env.tracking_uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneloop", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (relative to the project)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="make this a DVC repo, add the sample data, push to the remote")
+    init.add_argument("--sample", default=str(SAMPLE_PATH))
+    init.set_defaults(handler=cmd_init)
+
+    run = commands.add_parser("run", help="init, then run the whole pipeline with `dvc repro`")
+    run.add_argument("--sample", default=str(SAMPLE_PATH))
+    run.add_argument("--skip-init", action="store_true")
+    run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

