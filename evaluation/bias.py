@@ -14,9 +14,7 @@ def _macro_f1(y_true, y_pred) -> float:
     return f1_score(y_true, y_pred, average="macro", zero_division=0)
 
 
-def group_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], groups: pd.DataFrame
-) -> dict[str, dict]:
+def group_metrics(y_true: Sequence[int], y_pred: Sequence[int], groups: pd.DataFrame) -> dict[str, dict]:
     """Per-group accuracy and macro-F1 for each group column, with the largest gap between groups."""
     report = {}
     for column in groups.columns:
@@ -74,9 +72,13 @@ def counterfactual_test(
             "accuracy_by_phrase": accuracy,
             "accuracy_gap": float(max(accuracy.values()) - min(accuracy.values())),
             "flipped_examples": [
-                {"text": perturbed[i * len(texts) + j], "original_label_id": int(original[j]),
-                 "perturbed_label_id": int(predicted[i, j])}
-                for i in rows for j in np.flatnonzero(predicted[i] != original)[:2]
+                {
+                    "text": perturbed[i * len(texts) + j],
+                    "original_label_id": int(original[j]),
+                    "perturbed_label_id": int(predicted[i, j]),
+                }
+                for i in rows
+                for j in np.flatnonzero(predicted[i] != original)[:2]
             ][:5],
         }
     report["overall"] = {

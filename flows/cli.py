@@ -50,7 +50,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     repro = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", *(["--force"] if args.force else [])],
-        cwd=env.project_dir, env=_with_venv_on_path(), check=False,
+        cwd=env.project_dir,
+        env=_with_venv_on_path(),
+        check=False,
     )
     if repro.returncode != 0:
         print("dvc repro failed: see the stage output above; nothing was promoted.", file=sys.stderr)

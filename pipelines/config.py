@@ -41,6 +41,9 @@ class PrepareParams(_Frozen):
     seed: int = 42
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    # With a frozen test file (data.test_path): drop training rows whose text is also in it.
+    # Off by default so that `validate` reports such leakage rather than hiding it.
+    drop_test_overlap: bool = False
 
 
 class ValidateParams(_Frozen):
@@ -95,6 +98,12 @@ class EvaluateParams(_Frozen):
     gates: GateParams
 
 
+class ModelGateParams(_Frozen):
+    """Merge gate on pull requests: how far a headline metric may drop against the base branch."""
+
+    max_metric_drop: dict[str, float] = {"quality/accuracy": 0.02, "quality/macro_f1": 0.02}
+
+
 class Params(_Frozen):
     data: DataParams
     prepare: PrepareParams = PrepareParams()
@@ -102,6 +111,7 @@ class Params(_Frozen):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams
+    model_gate: ModelGateParams = ModelGateParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -68,9 +68,7 @@ def evaluate(
     metrics["latency/single_p50_ms"] = 1000 * float(np.median(single))
 
     groups = group_metrics(y_true, y_pred, test_frame[list(group_columns)]) if group_columns else {}
-    sample = test_frame.sample(
-        n=min(params.counterfactual.max_examples, len(test_frame)), random_state=0
-    )
+    sample = test_frame.sample(n=min(params.counterfactual.max_examples, len(test_frame)), random_state=0)
     counterfactual = counterfactual_test(
         sample["text"].tolist(),
         to_ids(sample["label"], tuple(label_names)),
@@ -115,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     classifier = IntentClassifier.load(args.model_dir, device=params.train.device)
     result = evaluate(
-        classifier, pd.read_parquet(Path(args.prepared_dir) / "test.parquet"), params.data.group_columns,
+        classifier,
+        pd.read_parquet(Path(args.prepared_dir) / "test.parquet"),
+        params.data.group_columns,
         params.evaluate,
     )
 
@@ -150,8 +150,12 @@ def main(argv: list[str] | None = None) -> None:
         if lock.exists():
             mlflow.log_text(lock.read_text(encoding="utf-8"), "lineage/dvc.lock")
     verdict = "PASSED" if result.gates["passed"] else "FAILED: " + "; ".join(result.gates["reasons"])
-    log.info("accuracy %.4f, macro-F1 %.4f; gates %s", result.metrics["quality/accuracy"],
-             result.metrics["quality/macro_f1"], verdict)
+    log.info(
+        "accuracy %.4f, macro-F1 %.4f; gates %s",
+        result.metrics["quality/accuracy"],
+        result.metrics["quality/macro_f1"],
+        verdict,
+    )
 
 
 if __name__ == "__main__":

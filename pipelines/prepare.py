@@ -27,6 +27,7 @@ class PrepareResult:
     label_names: tuple[str, ...]
     source_md5: str
     dropped_duplicates: int
+    dropped_test_overlap: int = 0
 
 
 def map_columns(frame: pd.DataFrame, data: DataParams) -> pd.DataFrame:
@@ -60,6 +61,11 @@ def _split_off(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
         frame[splittable], test_size=fraction, random_state=seed, stratify=strata[splittable]
     )
     return pd.concat([kept, frame[~splittable]]), split
+
+
+def fold_text(texts: pd.Series) -> pd.Series:
+    """Case- and punctuation-insensitive key, so 'Where is it?' and 'where is it' count as one text."""
+    return texts.str.casefold().str.replace(r"[^\w\s]", "", regex=True).str.replace(r"\s+", " ", regex=True)
 
 
 def split_stratified(
@@ -96,12 +102,18 @@ def prepare(
     before = len(frame)
     frame = frame.drop_duplicates(subset=["text", "label"]).reset_index(drop=True)
     test_frame = load_mapped(test_path, data) if test_path else None
+    overlap = 0
+    if test_frame is not None and params.drop_test_overlap:
+        in_test = fold_text(frame["text"]).isin(set(fold_text(test_frame["text"]).dropna()))
+        overlap = int(in_test.sum())
+        frame = frame[~in_test].reset_index(drop=True)
     splits = split_stratified(frame, params.val_fraction, params.test_fraction, params.seed, test_frame)
     return PrepareResult(
         splits=splits,
         label_names=data.labels,
         source_md5=file_md5(raw_path),
-        dropped_duplicates=before - len(frame),
+        dropped_duplicates=before - len(frame) - overlap,
+        dropped_test_overlap=overlap,
     )
 
 
@@ -117,6 +129,7 @@ def write_prepared(result: PrepareResult, raw_path: Path, out_dir: Path) -> None
             "source_md5": result.source_md5,
             "rows": {name: len(part) for name, part in result.splits.items()},
             "dropped_exact_duplicates": result.dropped_duplicates,
+            "dropped_test_overlap": result.dropped_test_overlap,
         },
     )
 

@@ -35,7 +35,13 @@ from evaluation.quality import headline_metrics
 from pipelines.config import Environment, ModelParams, TrainParams, load_params
 from pipelines.io import read_json, write_json
 from pipelines.tracking import flatten, git_commit, use_experiment
-from serving.inference import LABELS_FILE, MANIFEST_FILE, load_base_classifier, resolve_base_model, select_device
+from serving.inference import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    load_base_classifier,
+    resolve_base_model,
+    select_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +161,20 @@ def train(
     )
     peft_model = get_peft_model(classifier, lora)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable of %d parameters (%.2f%%) on %s", trainable, total,
-             100 * trainable / total, device.name)
+    log.info(
+        "LoRA: %d trainable of %d parameters (%.2f%%) on %s",
+        trainable,
+        total,
+        100 * trainable / total,
+        device.name,
+    )
 
-    train_data = EncodedTexts(train_frame["text"].tolist(), to_ids(train_frame["label"], label_names),
-                              tokenizer, params.max_length)
-    val_data = EncodedTexts(val_frame["text"].tolist(), to_ids(val_frame["label"], label_names),
-                            tokenizer, params.max_length)
+    train_data = EncodedTexts(
+        train_frame["text"].tolist(), to_ids(train_frame["label"], label_names), tokenizer, params.max_length
+    )
+    val_data = EncodedTexts(
+        val_frame["text"].tolist(), to_ids(val_frame["label"], label_names), tokenizer, params.max_length
+    )
     recorder = _EpochRecorder(on_epoch)
     with tempfile.TemporaryDirectory(prefix="tuneloop-ckpt-") as checkpoints:
         arguments = TrainingArguments(
@@ -195,13 +208,20 @@ def train(
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
             compute_metrics=_compute_metrics,
-            callbacks=[recorder, EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience)],
+            callbacks=[
+                recorder,
+                EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience),
+            ],
         )
         output = trainer.train()
         best_checkpoint = trainer.state.best_model_checkpoint
         best_epoch = next(
-            (row["epoch"] for row in recorder.history
-             if best_checkpoint and row["val_macro_f1"] == trainer.state.best_metric), None
+            (
+                row["epoch"]
+                for row in recorder.history
+                if best_checkpoint and row["val_macro_f1"] == trainer.state.best_metric
+            ),
+            None,
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -252,24 +272,32 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_json(prepared / "meta.json")
     use_experiment(env)
     with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.set_tags({
-            "tuneloop.git_commit": git_commit(env.project_dir),
-            "tuneloop.data_md5": meta["source_md5"],
-            "tuneloop.data_path": meta["source_path"],
-            "tuneloop.base_model": params.model.base,
-        })
-        mlflow.log_params(flatten("", {
-            "model": params.model.model_dump(),
-            "train": params.train.model_dump(),
-            "prepare": params.prepare.model_dump(),
-            "data.rows": meta["rows"],
-            "data.source_md5": meta["source_md5"],
-        }))
+        mlflow.set_tags(
+            {
+                "tuneloop.git_commit": git_commit(env.project_dir),
+                "tuneloop.data_md5": meta["source_md5"],
+                "tuneloop.data_path": meta["source_path"],
+                "tuneloop.base_model": params.model.base,
+            }
+        )
+        mlflow.log_params(
+            flatten(
+                "",
+                {
+                    "model": params.model.model_dump(),
+                    "train": params.train.model_dump(),
+                    "prepare": params.prepare.model_dump(),
+                    "data.rows": meta["rows"],
+                    "data.source_md5": meta["source_md5"],
+                },
+            )
+        )
 
         def log_epoch(row: dict) -> None:
             step = int(round(row["epoch"]))
-            mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None},
-                               step=step)
+            mlflow.log_metrics(
+                {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None}, step=step
+            )
 
         result = train(
             pd.read_parquet(prepared / "train.parquet"),
@@ -289,8 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.metrics_path, metrics)
     Path(args.history_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history).to_csv(args.history_path, index=False)
-    log.info("trained in %.1fs (%.1f examples/s in the loop); best epoch %s: %s", result.total_seconds,
-             result.examples_per_second, result.best_epoch, metrics)
+    log.info(
+        "trained in %.1fs (%.1f examples/s in the loop); best epoch %s: %s",
+        result.total_seconds,
+        result.examples_per_second,
+        result.best_epoch,
+        metrics,
+    )
 
 
 if __name__ == "__main__":

@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import great_expectations as gx
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
 import pandas as pd
 
 from pipelines.config import ValidateParams, load_params
 from pipelines.io import write_json
-from pipelines.prepare import SPLITS
+from pipelines.prepare import SPLITS, fold_text
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +65,10 @@ class ValidationOutcome:
         return "\n".join(lines)
 
 
-def _fold(texts: pd.Series) -> pd.Series:
-    """Case- and punctuation-insensitive key, so 'Where is it?' and 'where is it' count as one text."""
-    return texts.str.casefold().str.replace(r"[^\w\s]", "", regex=True).str.replace(r"\s+", " ", regex=True)
-
-
 def build_validation_frame(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Stack the splits and add the per-row columns that the cross-row expectations read."""
     frame = pd.concat([part.assign(split=name) for name, part in splits.items()], ignore_index=True)
-    folded = _fold(frame["text"].fillna("")).where(frame["text"].notna())
+    folded = fold_text(frame["text"].fillna("")).where(frame["text"].notna())
     frame["labels_for_text"] = frame.groupby(folded, dropna=False)["label"].transform("nunique")
     frame.loc[folded.isna(), "labels_for_text"] = 1
     train_counts = frame.loc[frame["split"] == "train", "label"].value_counts()
@@ -91,7 +91,14 @@ def run_suite(
     data_docs_dir: Path | None = None,
 ) -> ValidationOutcome:
     """Validate ``frame`` with the repo's suite; build GX Data Docs into ``data_docs_dir`` if given."""
-    context = gx.get_context(mode="ephemeral")
+    # GX's per-metric progress bars would bury the summary; the suite takes well under a second.
+    context = gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            progress_bars=ProgressBarsConfig(globally=False),
+            store_backend_defaults=InMemoryStoreBackendDefaults(),
+        ),
+    )
     if data_docs_dir is not None:
         context.add_data_docs_site(
             site_name="tuneloop",
@@ -198,11 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
     try:
-        outcome = validate(Path(args.prepared_dir), params.validate_, params.data.labels, Path(args.report_dir))
+        outcome = validate(
+            Path(args.prepared_dir), params.validate_, params.data.labels, Path(args.report_dir)
+        )
     except DataValidationError as error:
         print(str(error), file=sys.stderr)
-        print(f"full result: {args.report_dir}/result.json, Data Docs: {args.report_dir}/data_docs/index.html",
-              file=sys.stderr)
+        print(
+            f"full result: {args.report_dir}/result.json, Data Docs: {args.report_dir}/data_docs/index.html",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     log.info(outcome.summary())
 

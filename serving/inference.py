@@ -70,8 +70,14 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
 class IntentClassifier:
     """A merged (adapter folded into the base) classifier with batched, length-sorted inference."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer, label_names: Sequence[str], max_length: int,
-                 device: DeviceChoice):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        label_names: Sequence[str],
+        max_length: int,
+        device: DeviceChoice,
+    ):
         self.model = model.to(device.device).eval()
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
