@@ -70,6 +70,10 @@ def test_fresh_clone_runs_everything_then_nothing_then_only_what_changed(project
     lock = MlflowClient().download_artifacts(run_id, "lineage/dvc.lock")
     assert "evaluate:" in Path(lock).read_text()
 
+    again = run_cli("tuneloop", "init", cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert f"md5 {md5}" in again.stdout and "0 file(s) pushed" in again.stdout
+
     second = run_cli("dvc", "repro", cwd=project)
     assert second.returncode == 0, second.stderr
     assert stages_run(second.stdout) == []
