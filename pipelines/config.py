@@ -65,6 +65,7 @@ class TrainParams(_Frozen):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
     learning_rate: float = Field(1e-3, gt=0)
+    head_learning_rate: float = Field(1e-2, gt=0)
     lr_scheduler: str = "linear"
     warmup_fraction: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -104,6 +105,18 @@ class ModelGateParams(_Frozen):
     max_metric_drop: dict[str, float] = {"quality/accuracy": 0.02, "quality/macro_f1": 0.02}
 
 
+class RegistryParams(_Frozen):
+    """Champion/challenger knobs: how sure and how much better a candidate must be than `prod`."""
+
+    model_name: str = "tuneloop-intent"
+    # McNemar p-value below which a difference in correctness against prod counts as real.
+    significance_level: float = Field(0.05, gt=0, lt=1)
+    # Smallest accuracy gain (absolute) that a significant difference needs to be called an improvement.
+    min_improvement: float = Field(0.0, ge=0, lt=1)
+    # When true, a candidate that is not a significant improvement over prod is not promoted to dev.
+    require_improvement: bool = False
+
+
 class Params(_Frozen):
     data: DataParams
     prepare: PrepareParams = PrepareParams()
@@ -112,6 +125,7 @@ class Params(_Frozen):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams
     model_gate: ModelGateParams = ModelGateParams()
+    registry: RegistryParams = RegistryParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

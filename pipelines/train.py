@@ -121,6 +121,26 @@ def _compute_metrics(prediction) -> dict[str, float]:
     return headline_metrics(labels, np.argmax(logits, axis=-1))
 
 
+def head_aware_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    """AdamW with its own learning rate for the new classification head.
+
+    The head starts from random weights and needs larger steps than the LoRA matrices, which only
+    nudge a pretrained encoder: with one rate for both, banking77 reached 0.08 validation accuracy
+    after one 3,000-example epoch at 3e-4 and 0.55 after a full epoch at 3e-3.
+    """
+    head, adapters = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if "classifier" in name or "score" in name else adapters).append(parameter)
+    return torch.optim.AdamW(
+        [
+            {"params": adapters, "lr": params.learning_rate},
+            {"params": head, "lr": params.head_learning_rate},
+        ],
+        weight_decay=params.weight_decay,
+    )
+
+
 def to_ids(labels: pd.Series, label_names: tuple[str, ...]) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(labels) - set(index))
@@ -202,6 +222,7 @@ def train(
         )
         trainer = Trainer(
             model=peft_model,
+            optimizers=(head_aware_optimizer(peft_model, params), None),
             args=arguments,
             train_dataset=train_data,
             eval_dataset=val_data,

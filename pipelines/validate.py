@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import great_expectations as gx
+import pandas as pd
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
-import pandas as pd
 
 from pipelines.config import ValidateParams, load_params
 from pipelines.io import write_json
