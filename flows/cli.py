@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from pipelines.config import Environment, load_params
 from pipelines.datastore import init_project
@@ -72,6 +73,77 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register models/adapter as a new version; `dev` when it passes its gates and is not worse than prod."""
+    from pipelines.register import main as register_main
+
+    register_main(["--params", args.params])
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipelines.promote import AUDIT_FILE, PromotionRefused, promote
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    use_experiment(env)
+    try:
+        entry = promote(
+            MlflowClient(),
+            params.registry.model_name,
+            env.home_dir / AUDIT_FILE,
+            to=args.to,
+            version=args.version,
+            reason=args.reason,
+            gate_thresholds=params.evaluate.gates.model_dump(),
+        )
+    except PromotionRefused as refused:
+        print(str(refused), file=sys.stderr)
+        return 2
+    print(f"{entry.model}@{entry.alias}: v{entry.from_version} -> v{entry.to_version} (by {entry.actor})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipelines.promote import AUDIT_FILE, PromotionRefused, rollback
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    use_experiment(env)
+    try:
+        entry = rollback(
+            MlflowClient(),
+            params.registry.model_name,
+            env.home_dir / AUDIT_FILE,
+            to=args.to,
+            reason=args.reason,
+        )
+    except PromotionRefused as refused:
+        print(str(refused), file=sys.stderr)
+        return 2
+    print(f"{entry.model}@{entry.alias} rolled back: v{entry.from_version} -> v{entry.to_version}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.promote import registry_status
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    use_experiment(env)
+    name = params.registry.model_name
+    for alias, info in registry_status(MlflowClient(), name).items():
+        if info is None:
+            print(f"{name}@{alias}: -")
+            continue
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(info["metrics"].items()))
+        print(
+            f"{name}@{alias}: v{info['version']} approval={info['approval']} "
+            f"gates_passed={info['gates_passed']} {metrics}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneloop", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (relative to the project)")
@@ -86,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-init", action="store_true")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.set_defaults(handler=cmd_run)
+
+    register = commands.add_parser("register", help="register models/adapter; alias dev when it passes")
+    register.set_defaults(handler=cmd_register)
+
+    promote = commands.add_parser("promote", help="move an alias (prod) to an approved dev version")
+    promote.add_argument("--to", default="prod")
+    promote.add_argument("--version", default=None, help="version number (default: the current dev)")
+    promote.add_argument("--reason", default="", help="why, for the audit log")
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="move prod back to previous-prod")
+    rollback.add_argument("--to", default="prod")
+    rollback.add_argument("--reason", default="", help="why, for the audit log")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    status = commands.add_parser("status", help="which version each alias points to, metrics, approval")
+    status.set_defaults(handler=cmd_status)
     return parser
 
 

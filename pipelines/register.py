@@ -1,0 +1,391 @@
+"""`register` step: log the trained adapter as a pyfunc into its training run, register a version,
+compare it with the current `prod` on the frozen test set, and give it the `dev` alias when it passes.
+
+A version is created only once the logged model has loaded and predicted, with all its tags and its
+evaluation card in the same call; if anything after that fails the version is deleted again, so a
+crash never leaves a half-registered model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from statsmodels.stats.contingency_tables import mcnemar
+
+from pipelines.config import Environment, RegistryParams, load_params
+from pipelines.io import file_md5, read_json
+from pipelines.tracking import git_commit, use_experiment
+from serving.inference import MANIFEST_FILE
+from serving.pyfunc_model import log_intent_model
+
+log = logging.getLogger(__name__)
+
+DEV_ALIAS = "dev"
+PROD_ALIAS = "prod"
+METRIC_TAG_PREFIX = "tuneloop.metric."
+HEADLINE_METRICS = (
+    "quality/accuracy",
+    "quality/macro_f1",
+    "quality/expected_calibration_error",
+    "bias/max_group_accuracy_gap",
+    "bias/counterfactual_flip_rate",
+    "bias/counterfactual_accuracy_gap",
+)
+MAX_TAG_VALUE = 5000
+EXACT_TEST_BELOW = 25
+
+
+@dataclass(frozen=True)
+class Lineage:
+    data_md5: str
+    git_commit: str
+    dvc_lock_md5: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate against prod on the same texts: McNemar on who got which example right."""
+
+    prod_version: str
+    candidate_accuracy: float
+    prod_accuracy: float
+    delta_accuracy: float
+    candidate_only_correct: int
+    prod_only_correct: int
+    p_value: float
+    verdict: str  # "improvement", "regression" or "no significant difference"
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    promoted_to_dev: bool
+    reasons: list[str]
+    comparison: Comparison | None
+    card: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def compare_with_prod(
+    y_true: np.ndarray,
+    candidate: np.ndarray,
+    prod: np.ndarray,
+    prod_version: str,
+    significance_level: float,
+    min_improvement: float,
+) -> Comparison:
+    """McNemar's paired test: only examples the two models disagree on tell them apart.
+
+    Exact (binomial) below 25 discordant pairs, chi-square with continuity correction above. A
+    difference that is not significant is reported as such, never as an improvement.
+    """
+    candidate_ok = np.asarray(candidate) == np.asarray(y_true)
+    prod_ok = np.asarray(prod) == np.asarray(y_true)
+    candidate_only = int(np.sum(candidate_ok & ~prod_ok))
+    prod_only = int(np.sum(~candidate_ok & prod_ok))
+    if candidate_only + prod_only == 0:
+        p_value = 1.0
+    else:
+        table = [
+            [int(np.sum(candidate_ok & prod_ok)), candidate_only],
+            [prod_only, int(np.sum(~candidate_ok & ~prod_ok))],
+        ]
+        exact = candidate_only + prod_only < EXACT_TEST_BELOW
+        p_value = float(mcnemar(table, exact=exact, correction=True).pvalue)
+    candidate_accuracy = float(candidate_ok.mean()) if len(candidate_ok) else 0.0
+    prod_accuracy = float(prod_ok.mean()) if len(prod_ok) else 0.0
+    delta = candidate_accuracy - prod_accuracy
+    significant = p_value < significance_level
+    if significant and delta < 0:
+        verdict = "regression"
+    elif significant and delta > 0 and delta >= min_improvement:
+        verdict = "improvement"
+    else:
+        verdict = "no significant difference"
+    return Comparison(
+        prod_version=prod_version,
+        candidate_accuracy=candidate_accuracy,
+        prod_accuracy=prod_accuracy,
+        delta_accuracy=delta,
+        candidate_only_correct=candidate_only,
+        prod_only_correct=prod_only,
+        p_value=p_value,
+        verdict=verdict,
+    )
+
+
+def dev_decision(gates: dict, comparison: Comparison | None, require_improvement: bool) -> list[str]:
+    """Why a candidate may not become `dev`; an empty list means it may."""
+    reasons = [f"gate failed: {reason}" for reason in gates.get("reasons", [])]
+    if not gates.get("passed", False) and not reasons:
+        reasons.append("gates did not pass")
+    if comparison is not None:
+        if comparison.verdict == "regression":
+            reasons.append(
+                f"significant regression against prod v{comparison.prod_version}: accuracy "
+                f"{comparison.delta_accuracy:+.4f}, McNemar p = {comparison.p_value:.4g}"
+            )
+        elif require_improvement and comparison.verdict != "improvement":
+            reasons.append(
+                f"not a significant improvement over prod v{comparison.prod_version} "
+                f"(accuracy {comparison.delta_accuracy:+.4f}, McNemar p = {comparison.p_value:.4g}) "
+                "and registry.require_improvement is set"
+            )
+    return reasons
+
+
+def _bias_lines(bias: dict) -> list[str]:
+    lines = []
+    for column, report in sorted(bias.get("groups", {}).items()):
+        lines.append(
+            f"- group `{column}`: accuracy gap {report.get('accuracy_gap', float('nan')):.4f}, "
+            f"macro-F1 gap {report.get('macro_f1_gap', float('nan')):.4f}"
+        )
+    for attribute, report in sorted(bias.get("counterfactual", {}).items()):
+        lines.append(
+            f"- counterfactual `{attribute}`: flip rate {report.get('flip_rate', float('nan')):.4f}"
+            + (
+                f", accuracy gap {report['max_accuracy_gap']:.4f}"
+                if isinstance(report.get("max_accuracy_gap"), int | float)
+                else ""
+            )
+        )
+    return lines or ["- no bias report"]
+
+
+def evaluation_card(
+    name: str,
+    metrics: dict[str, float],
+    gates: dict,
+    bias: dict,
+    comparison: Comparison | None,
+    prod_metrics: dict[str, float],
+    reasons: list[str],
+    lineage: Lineage,
+    run_id: str,
+) -> str:
+    """Markdown a reviewer reads before approving: metrics, deltas vs prod, the paired test, bias, lineage."""
+    verdict = "passes: becomes `dev`" if not reasons else "blocked: " + "; ".join(reasons)
+    lines = [f"# Evaluation card: {name}", "", f"**Verdict:** {verdict}", "", "## Metrics", ""]
+    lines += ["| metric | candidate | prod | delta |", "|---|---|---|---|"]
+    for key in HEADLINE_METRICS:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if key in prod_metrics:
+            lines.append(
+                f"| {key} | {value:.4f} | {prod_metrics[key]:.4f} | {value - prod_metrics[key]:+.4f} |"
+            )
+        else:
+            lines.append(f"| {key} | {value:.4f} | - | - |")
+    lines += ["", "## Gates", ""]
+    for gate in gates.get("gates", []):
+        lines.append(f"- {'ok' if gate['passed'] else '**FAILED**'} `{gate['name']}`: {gate['reason']}")
+    if not gates.get("gates"):
+        lines.append(f"- passed: {gates.get('passed')}")
+    lines += ["", "## Champion / challenger (frozen test set, McNemar)", ""]
+    if comparison is None:
+        lines.append("- no `prod` version yet: nothing to compare with")
+    else:
+        lines += [
+            f"- prod version: {comparison.prod_version}",
+            f"- accuracy: candidate {comparison.candidate_accuracy:.4f}, "
+            f"prod {comparison.prod_accuracy:.4f}, delta {comparison.delta_accuracy:+.4f}",
+            f"- discordant pairs: candidate-only correct {comparison.candidate_only_correct}, "
+            f"prod-only correct {comparison.prod_only_correct}",
+            f"- p-value {comparison.p_value:.4g}: **{comparison.verdict}**",
+        ]
+    lines += ["", "## Bias", "", *_bias_lines(bias), "", "## Lineage", ""]
+    lines += [
+        f"- MLflow run: `{run_id}`",
+        f"- data md5: `{lineage.data_md5}`",
+        f"- git commit: `{lineage.git_commit}`",
+        f"- dvc.lock md5: `{lineage.dvc_lock_md5}`",
+        "",
+        "To approve: set the version tag `approval` to `approved` (or `rejected`), then "
+        "`tuneloop promote --to prod`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def current_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``alias``, or None when the model or the alias does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+
+
+def metric_tags(metrics: dict[str, float]) -> dict[str, str]:
+    return {f"{METRIC_TAG_PREFIX}{key}": f"{metrics[key]:.6f}" for key in HEADLINE_METRICS if key in metrics}
+
+
+def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    return {
+        key[len(METRIC_TAG_PREFIX) :]: float(v)
+        for key, v in tags.items()
+        if key.startswith(METRIC_TAG_PREFIX)
+    }
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="tuneloop intent classifier (LoRA pyfunc)")
+        except MlflowException as race:
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def _predict_labels(model_uri: str, texts: list[str]) -> np.ndarray:
+    model = mlflow.pyfunc.load_model(model_uri)
+    return model.predict(pd.DataFrame({"text": texts}))["label"].to_numpy()
+
+
+def register_candidate(
+    client: MlflowClient,
+    adapter_dir: Path,
+    base: str,
+    test_frame: pd.DataFrame,
+    metrics: dict[str, float],
+    gates: dict,
+    bias: dict,
+    lineage: Lineage,
+    params: RegistryParams,
+) -> Registration:
+    """Log, verify, compare, register and (when it passes) alias one candidate as `dev`.
+
+    The fluent MLflow API and ``client`` must point at the same tracking server.
+    """
+    run_id = read_json(Path(adapter_dir) / MANIFEST_FILE)["mlflow_run_id"]
+    name = params.model_name
+    with mlflow.start_run(run_id=run_id):
+        info = log_intent_model(Path(adapter_dir), base)
+    texts = test_frame["text"].astype(str).tolist()
+    y_true = test_frame["label"].astype(str).to_numpy()
+    candidate_labels = _predict_labels(info.model_uri, texts)
+
+    _ensure_registered_model(client, name)
+    prod = current_version(client, name, PROD_ALIAS)
+    comparison = None
+    prod_metrics: dict[str, float] = {}
+    if prod is not None:
+        prod_labels = _predict_labels(f"models:/{name}/{prod.version}", texts)
+        comparison = compare_with_prod(
+            y_true,
+            candidate_labels,
+            prod_labels,
+            prod.version,
+            params.significance_level,
+            params.min_improvement,
+        )
+        prod_metrics = metrics_from_tags(prod.tags)
+    reasons = dev_decision(gates, comparison, params.require_improvement)
+    card = evaluation_card(name, metrics, gates, bias, comparison, prod_metrics, reasons, lineage, run_id)
+
+    tags = {
+        "approval": "pending",
+        "tuneloop.data_md5": lineage.data_md5,
+        "tuneloop.git_commit": lineage.git_commit,
+        "tuneloop.dvc_lock_md5": lineage.dvc_lock_md5,
+        "tuneloop.gates_passed": str(bool(gates.get("passed"))).lower(),
+        "tuneloop.gates_failed": ",".join(gates.get("failed", [])),
+        "tuneloop.frozen_test_accuracy": f"{float(np.mean(candidate_labels == y_true)):.6f}",
+        "tuneloop.evaluation_card": card[:MAX_TAG_VALUE],
+        **metric_tags(metrics),
+    }
+    if comparison is not None:
+        tags.update(
+            {
+                "tuneloop.vs_prod.version": comparison.prod_version,
+                "tuneloop.vs_prod.p_value": f"{comparison.p_value:.6g}",
+                "tuneloop.vs_prod.delta_accuracy": f"{comparison.delta_accuracy:+.6f}",
+                "tuneloop.vs_prod.verdict": comparison.verdict,
+            }
+        )
+    if reasons:
+        tags["tuneloop.blocked_reason"] = "; ".join(reasons)[:MAX_TAG_VALUE]
+    client.log_text(run_id, card, "evaluation_card.md")
+
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, tags=tags, description=card, model_id=info.model_id
+    )
+    try:
+        if reasons:
+            client.set_tag(run_id, "tuneloop.blocked_reason", "; ".join(reasons)[:MAX_TAG_VALUE])
+        else:
+            client.set_model_version_tag(name, version.version, "was_dev", "true")
+            client.set_registered_model_alias(name, DEV_ALIAS, version.version)
+        client.set_tag(run_id, "tuneloop.registry_verdict", "blocked" if reasons else "dev")
+        client.set_tag(run_id, "tuneloop.registered_version", f"{name}/{version.version}")
+    except Exception:
+        log.error("registering %s v%s failed after creation; deleting that version", name, version.version)
+        client.delete_model_version(name, version.version)
+        raise
+    return Registration(
+        name=name,
+        version=version.version,
+        run_id=run_id,
+        model_uri=info.model_uri,
+        promoted_to_dev=not reasons,
+        reasons=reasons,
+        comparison=comparison,
+        card=card,
+        tags=tags,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared-dir", default="data/prepared")
+    parser.add_argument("--model-dir", default="models/adapter")
+    parser.add_argument("--metrics-dir", default="metrics")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    env = Environment.from_env()
+    prepared, metrics_dir = Path(args.prepared_dir), Path(args.metrics_dir)
+    lock = env.project_dir / "dvc.lock"
+    lineage = Lineage(
+        data_md5=read_json(prepared / "meta.json")["source_md5"],
+        git_commit=git_commit(env.project_dir),
+        dvc_lock_md5=file_md5(lock) if lock.exists() else "absent",
+    )
+    use_experiment(env)
+    result = register_candidate(
+        MlflowClient(),
+        Path(args.model_dir),
+        params.model.base,
+        pd.read_parquet(prepared / "test.parquet"),
+        read_json(metrics_dir / "evaluate.json"),
+        read_json(metrics_dir / "gates.json"),
+        read_json(metrics_dir / "bias.json"),
+        lineage,
+        params.registry,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k not in {"card", "tags"}}
+    log.info("registered: %s", json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The MLflow pyfunc that a registered tuneloop version is: adapter (+ base when local) as artifacts.
+
+A PEFT model with a local base must not go through ``mlflow.transformers`` (it reloads with random
+LoRA weights), so the version carries the adapter folder and, when the base resolves to a folder, the
+base itself, and rebuilds :class:`IntentClassifier` from them on load. The ``serving`` package travels
+as code so a machine with only the registry can load the model.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from serving.inference import IntentClassifier, resolve_base_model
+
+ADAPTER_ARTIFACT = "adapter"
+BASE_ARTIFACT = "base"
+DEFAULT_TOP_K = 3
+INPUT_EXAMPLE = pd.DataFrame({"text": ["where is my order?", "I want my money back for the broken lamp"]})
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "text")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"), ColSpec("string", "top_k")]),
+    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("batch_size", "long", 64)]),
+)
+
+
+def pinned_requirements() -> list[str]:
+    """Exact versions from this environment; torch without its local tag so the CPU/CUDA wheel is free."""
+    pins = {name: installed_version(name) for name in ("transformers", "peft", "mlflow", "pandas", "numpy")}
+    torch_version = installed_version("torch").split("+")[0]
+    return [f"torch=={torch_version}", *(f"{name}=={value}" for name, value in pins.items())]
+
+
+def predictions_frame(predictions: list[dict]) -> pd.DataFrame:
+    """One row per text; ``top_k`` is a JSON string so every serving format carries it unchanged."""
+    return pd.DataFrame(
+        {
+            "label": [p["label"] for p in predictions],
+            "score": [p["score"] for p in predictions],
+            "top_k": [json.dumps(p["top_k"]) for p in predictions],
+        }
+    )
+
+
+class IntentPyfunc(mlflow.pyfunc.PythonModel):
+    """Predicts label, score and top-k (JSON) for a DataFrame with a string ``text`` column."""
+
+    def load_context(self, context) -> None:
+        base = context.artifacts.get(BASE_ARTIFACT)
+        self.classifier = IntentClassifier.load(context.artifacts[ADAPTER_ARTIFACT], base=base)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        params = params or {}
+        texts = [str(text) for text in model_input["text"].tolist()]
+        predictions = self.classifier.predict(
+            texts,
+            top_k=int(params.get("top_k", DEFAULT_TOP_K)),
+            batch_size=int(params.get("batch_size", 64)),
+        )
+        return predictions_frame(predictions)
+
+
+def model_artifacts(adapter_dir: Path, base: str) -> dict[str, str]:
+    """The adapter always; the base folder too when ``base`` resolves to one, so the version is whole.
+
+    A Hugging Face id is not bundled: the adapter's manifest records it and it loads from the hub.
+    """
+    artifacts = {ADAPTER_ARTIFACT: str(adapter_dir)}
+    resolved = Path(resolve_base_model(base))
+    if resolved.is_dir():
+        artifacts[BASE_ARTIFACT] = str(resolved)
+    return artifacts
+
+
+def log_intent_model(adapter_dir: Path, base: str, name: str = "model") -> ModelInfo:
+    """Log the pyfunc into the active MLflow run and return its model info (URI, model id)."""
+    import serving
+
+    artifacts = model_artifacts(Path(adapter_dir), base)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=IntentPyfunc(),
+        artifacts=artifacts,
+        code_paths=[str(Path(serving.__file__).parent)],
+        signature=SIGNATURE,
+        input_example=INPUT_EXAMPLE,
+        pip_requirements=pinned_requirements(),
+        metadata={"base_model": base, "base_bundled": BASE_ARTIFACT in artifacts},
+    )
