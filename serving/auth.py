@@ -1,0 +1,373 @@
+"""Who may call the gateway: API keys stored hashed, and JWT bearer tokens from an OAuth2 issuer.
+
+Scopes: ``predict`` (``/v1/predict``, ``/invocations``), ``feedback`` (``/v1/feedback``) and ``admin``
+(``/metrics``, ``/v1/status``); ``admin`` includes the other two.
+
+API keys look like ``tlk_<key id>_<secret>``. The key file keeps, per key id, the SHA-256 of the whole
+key and its scopes; the key itself is printed once when created and never stored. SHA-256 rather than
+a slow password hash (argon2, bcrypt) because the secret is 256 random bits, not a human password:
+no dictionary applies and brute force is out of reach, while a slow hash would add tens of
+milliseconds to every request.
+
+JWTs are what an OAuth2 client-credentials flow hands a service: signed by the issuer, checked here
+for signature, ``exp``, ``iss`` and ``aud``; scopes come from the ``scope`` claim (space-separated,
+RFC 8693/9068) or ``scp`` (a list, as Okta and Entra ID write it). The key is a shared secret (HS*),
+a PEM public key, or the issuer's JWKS URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import jwt
+from fastapi import HTTPException, Request
+from filelock import FileLock
+
+from pipelines.config import Environment
+
+SCOPES = ("predict", "feedback", "admin")
+API_KEY_PREFIX = "tlk_"
+API_KEY_HEADER = "X-API-Key"
+REALM = "tuneloop"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: a key id or a token subject, and what it may do."""
+
+    subject: str
+    scopes: frozenset[str]
+    method: Literal["api_key", "jwt"]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+    @property
+    def rate_limit_key(self) -> str:
+        return f"{self.method}:{self.subject}"
+
+
+class AuthError(Exception):
+    """Credentials were given but are not acceptable; the message says why (never echoes the secret)."""
+
+
+def _check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    scopes = tuple(dict.fromkeys(scope.strip() for scope in scopes if scope.strip()))
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be a non-empty subset of {list(SCOPES)}; got unknown {unknown}")
+    return scopes
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- API keys
+
+
+def _read_key_file(path: Path) -> dict:
+    if not path.exists():
+        return {"keys": []}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _write_key_file(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(content, handle, indent=2)
+        handle.write("\n")
+    os.chmod(handle.name, 0o600)
+    os.replace(handle.name, path)
+
+
+def _key_file_lock(path: Path) -> FileLock:
+    return FileLock(str(path) + ".lock", timeout=30)
+
+
+def create_api_key(path: Path, name: str, scopes: Iterable[str]) -> str:
+    """Add a key with these scopes to the key file and return it; only its hash is stored."""
+    scopes = _check_scopes(scopes)
+    key_id = secrets.token_hex(6)
+    key = f"{API_KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    with _key_file_lock(path):
+        content = _read_key_file(path)
+        content["keys"].append(
+            {
+                "key_id": key_id,
+                "name": name,
+                "sha256": _sha256(key),
+                "scopes": list(scopes),
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "revoked": False,
+            }
+        )
+        _write_key_file(path, content)
+    return key
+
+
+def revoke_api_key(path: Path, key_id: str) -> None:
+    """Mark a key revoked (kept in the file for audit); a running gateway refuses it from its next request."""
+    with _key_file_lock(path):
+        content = _read_key_file(path)
+        matches = [entry for entry in content["keys"] if entry["key_id"] == key_id]
+        if not matches:
+            raise KeyError(f"no API key with id {key_id!r} in {path}")
+        for entry in matches:
+            entry["revoked"] = True
+        _write_key_file(path, content)
+
+
+def list_api_keys(path: Path) -> list[dict]:
+    """The key file's entries without their hashes."""
+    return [{k: v for k, v in entry.items() if k != "sha256"} for entry in _read_key_file(path)["keys"]]
+
+
+class ApiKeyStore:
+    """The key file as the gateway sees it, re-read when it changes so keys work without a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._by_id: dict[str, dict] = {}
+
+    def _refresh(self) -> None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._by_id = None, {}
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            entries = _read_key_file(self.path)["keys"]
+            self._by_id = {entry["key_id"]: entry for entry in entries}
+            self._stamp = stamp
+
+    def verify(self, key: str) -> Principal:
+        if not key.startswith(API_KEY_PREFIX) or key.count("_") < 2:
+            raise AuthError("malformed API key")
+        key_id = key[len(API_KEY_PREFIX) :].split("_", 1)[0]
+        self._refresh()
+        entry = self._by_id.get(key_id)
+        # Compare digests in constant time; an unknown id still costs one hash so timing says nothing.
+        expected = entry["sha256"] if entry else _sha256("")
+        if not hmac.compare_digest(_sha256(key), expected) or entry is None:
+            raise AuthError("unknown API key")
+        if entry.get("revoked"):
+            raise AuthError("revoked API key")
+        return Principal(subject=key_id, scopes=frozenset(entry["scopes"]), method="api_key")
+
+
+# -------------------------------------------------------------------------------------------------- JWT
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """How bearer tokens are checked; ``key`` (secret or PEM) or ``jwks_url`` gives the signing key."""
+
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...] = ("RS256",)
+    key: str | None = None
+    jwks_url: str | None = None
+    leeway_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.jwks_url is None):
+            raise ValueError("JWT verification needs exactly one of a key (secret or PEM) or a JWKS URL")
+        if not self.audience:
+            raise ValueError("JWT verification needs an audience (TUNELOOP_JWT_AUDIENCE)")
+
+
+class JwtVerifier:
+    def __init__(self, settings: JwtSettings) -> None:
+        self.settings = settings
+        self._jwks = jwt.PyJWKClient(settings.jwks_url) if settings.jwks_url else None
+
+    @property
+    def needs_network(self) -> bool:
+        return self._jwks is not None
+
+    def verify(self, token: str) -> Principal:
+        settings = self.settings
+        try:
+            key = self._jwks.get_signing_key_from_jwt(token).key if self._jwks else settings.key
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(settings.algorithms),
+                audience=settings.audience,
+                issuer=settings.issuer,
+                leeway=settings.leeway_s,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError as error:
+            raise AuthError("token expired") from error
+        except jwt.PyJWKClientError as error:
+            raise AuthError(f"token signing key not found: {error}") from error
+        except jwt.InvalidTokenError as error:
+            raise AuthError(f"invalid token: {error}") from error
+        subject = claims.get("sub") or claims.get("client_id") or claims.get("azp")
+        if not subject:
+            raise AuthError("invalid token: no sub, client_id or azp claim")
+        return Principal(subject=str(subject), scopes=_token_scopes(claims), method="jwt")
+
+
+def _token_scopes(claims: dict) -> frozenset[str]:
+    raw = claims.get("scope", claims.get("scp", ""))
+    values = raw.split() if isinstance(raw, str) else [str(value) for value in raw]
+    return frozenset(values)
+
+
+def jwt_settings_from_environment(environment: Environment, leeway_s: float) -> JwtSettings | None:
+    """JWT settings from the environment, or None when no issuer is configured (API keys only)."""
+    if not environment.jwt_issuer:
+        return None
+    key = environment.jwt_key.get_secret_value() if environment.jwt_key else None
+    if key is None and environment.jwt_key_path is not None:
+        key = environment.jwt_key_path.read_text(encoding="utf-8")
+    return JwtSettings(
+        issuer=environment.jwt_issuer,
+        audience=environment.jwt_audience or "",
+        algorithms=environment.jwt_algorithms,
+        key=key,
+        jwks_url=environment.jwt_jwks_url,
+        leeway_s=leeway_s,
+    )
+
+
+# ---------------------------------------------------------------------------------- FastAPI dependencies
+
+
+def _unauthorized(description: str, error: str | None = "invalid_token") -> HTTPException:
+    challenge = f'Bearer realm="{REALM}"'
+    if error:
+        quoted = description.replace('"', "'").replace("\\", "/")
+        challenge += f', error="{error}", error_description="{quoted}"'
+    return HTTPException(status_code=401, detail=description, headers={"WWW-Authenticate": challenge})
+
+
+@dataclass
+class Authenticator:
+    """Turns a request's credentials into a :class:`Principal`, or a 401/403 that says why."""
+
+    api_keys: ApiKeyStore | None = None
+    jwt_verifier: JwtVerifier | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_keys is None and self.jwt_verifier is None:
+            raise ValueError("an Authenticator needs an API key file, JWT settings, or both")
+
+    async def authenticate(self, request: Request) -> Principal:
+        credential, kind = _presented_credential(request)
+        if credential is None:
+            raise _unauthorized(
+                f"credentials required: 'Authorization: Bearer <API key or token>' or '{API_KEY_HEADER}'",
+                error=None,
+            )
+        try:
+            if kind == "api_key" or credential.startswith(API_KEY_PREFIX):
+                if self.api_keys is None:
+                    raise AuthError("API keys are not enabled on this gateway")
+                return self.api_keys.verify(credential)
+            if self.jwt_verifier is None:
+                raise AuthError("bearer tokens are not enabled on this gateway; use an API key")
+            if self.jwt_verifier.needs_network:
+                return await anyio.to_thread.run_sync(self.jwt_verifier.verify, credential)
+            return self.jwt_verifier.verify(credential)
+        except AuthError as error:
+            raise _unauthorized(str(error)) from error
+
+    def require(self, scope: str) -> Callable[[Request], Awaitable[Principal]]:
+        """A FastAPI dependency: the caller, who must hold ``scope`` (or ``admin``)."""
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
+
+        async def dependency(request: Request) -> Principal:
+            principal = await self.authenticate(request)
+            if not principal.allows(scope):
+                held = sorted(principal.scopes)
+                challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"'
+                raise HTTPException(
+                    status_code=403,
+                    detail=f"the credentials lack the scope '{scope}' (they have: {held})",
+                    headers={"WWW-Authenticate": challenge},
+                )
+            request.state.principal = principal
+            return principal
+
+        return dependency
+
+
+def _presented_credential(request: Request) -> tuple[str | None, str]:
+    api_key = request.headers.get(API_KEY_HEADER)
+    if api_key:
+        return api_key.strip(), "api_key"
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip(), "bearer"
+    return None, ""
+
+
+def authenticator_from_environment(environment: Environment, leeway_s: float = 30.0) -> Authenticator:
+    """The gateway's authenticator: the key file (always) and JWT verification when configured."""
+    settings = jwt_settings_from_environment(environment, leeway_s)
+    keys_path = environment.api_keys_path or environment.home_dir / "api_keys.json"
+    return Authenticator(
+        api_keys=ApiKeyStore(keys_path),
+        jwt_verifier=JwtVerifier(settings) if settings else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serving.auth create-key|list-keys|revoke-key``: manage the gateway's API keys."""
+    parser = argparse.ArgumentParser(prog="python -m serving.auth", description=main.__doc__)
+    parser.add_argument("--keys-file", type=Path, help="default: $TUNELOOP_API_KEYS_FILE")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create-key", help="create a key and print it (shown only this once)")
+    create.add_argument("--name", required=True, help="who or what uses the key")
+    create.add_argument("--scopes", default="predict", help=f"comma-separated, from {','.join(SCOPES)}")
+    commands.add_parser("list-keys", help="key ids, names, scopes (no secrets)")
+    revoke = commands.add_parser("revoke-key", help="refuse a key from now on")
+    revoke.add_argument("key_id")
+    args = parser.parse_args(argv)
+
+    path = args.keys_file or Environment.from_env().api_keys_path
+    if args.command == "create-key":
+        try:
+            key = create_api_key(path, args.name, args.scopes.split(","))
+        except ValueError as error:
+            parser.error(str(error))
+        sys.stdout.write(f"{key}\n")
+        sys.stderr.write(f"Stored its hash in {path}. Copy the key now: it is not shown again.\n")
+    elif args.command == "list-keys":
+        sys.stdout.write(json.dumps(list_api_keys(path), indent=2) + "\n")
+    else:
+        try:
+            revoke_api_key(path, args.key_id)
+        except KeyError as error:
+            parser.error(str(error.args[0]))
+        sys.stderr.write(f"Revoked {args.key_id}.\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Auth paths on a minimal FastAPI app: none, bad key, revoked, expired/forged JWT, wrong scope, good."""
+
+# No `from __future__ import annotations`: FastAPI resolves the endpoint annotations, which name a
+# dependency built inside a fixture.
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from pipelines.config import Environment
+from serving.auth import (
+    ApiKeyStore,
+    Authenticator,
+    JwtSettings,
+    JwtVerifier,
+    Principal,
+    authenticator_from_environment,
+    create_api_key,
+    list_api_keys,
+    main,
+    revoke_api_key,
+)
+
+ISSUER = "https://idp.example.test/"
+AUDIENCE = "tuneloop-gateway"
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[str, str]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private_pem, public_pem
+
+
+def make_token(
+    private_pem: str, *, scope: str | list[str] = "predict", expires_in_s: int = 300, **claims
+) -> str:
+    now = dt.datetime.now(dt.UTC)
+    payload = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "client-42",
+        "iat": now,
+        "exp": now + dt.timedelta(seconds=expires_in_s),
+        ("scope" if isinstance(scope, str) else "scp"): scope,
+    } | claims
+    return jwt.encode(payload, private_pem, algorithm="RS256")
+
+
+@pytest.fixture()
+def keys_path(tmp_path: Path) -> Path:
+    return tmp_path / "api_keys.json"
+
+
+@pytest.fixture()
+def client(keys_path: Path, rsa_keys: tuple[str, str]) -> TestClient:
+    settings = JwtSettings(issuer=ISSUER, audience=AUDIENCE, key=rsa_keys[1], leeway_s=0)
+    auth = Authenticator(api_keys=ApiKeyStore(keys_path), jwt_verifier=JwtVerifier(settings))
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(principal: Annotated[Principal, Depends(auth.require("predict"))]) -> dict:
+        return {"subject": principal.subject, "method": principal.method}
+
+    @app.post("/feedback")
+    async def feedback(principal: Annotated[Principal, Depends(auth.require("feedback"))]) -> dict:
+        return {"subject": principal.subject}
+
+    return TestClient(app)
+
+
+def test_no_credentials_is_401_with_a_challenge(client: TestClient) -> None:
+    response = client.post("/predict")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith('Bearer realm="tuneloop"')
+    assert "credentials required" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-API-Key": "tlk_0123456789ab_not-the-secret"},
+        {"Authorization": "Bearer tlk_0123456789ab_not-the-secret"},
+        {"X-API-Key": "something-else"},
+        {"Authorization": "Bearer not.a.jwt"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ],
+)
+def test_bad_credentials_are_401(client: TestClient, keys_path: Path, headers: dict) -> None:
+    create_api_key(keys_path, "real", ["predict"])
+    response = client.post("/predict", headers=headers)
+    assert response.status_code == 401
+    assert "WWW-Authenticate" in response.headers
+
+
+def test_good_api_key_in_either_header(client: TestClient, keys_path: Path) -> None:
+    key = create_api_key(keys_path, "svc", ["predict"])
+    for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
+        response = client.post("/predict", headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["method"] == "api_key"
+
+
+def test_key_with_a_wrong_secret_for_a_real_id_is_refused(client: TestClient, keys_path: Path) -> None:
+    key = create_api_key(keys_path, "svc", ["predict"])
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    assert client.post("/predict", headers={"X-API-Key": forged}).status_code == 401
+
+
+def test_missing_scope_is_403_and_admin_has_every_scope(client: TestClient, keys_path: Path) -> None:
+    feedback_only = create_api_key(keys_path, "labeller", ["feedback"])
+    admin = create_api_key(keys_path, "ops", ["admin"])
+    refused = client.post("/predict", headers={"X-API-Key": feedback_only})
+    assert refused.status_code == 403
+    assert "predict" in refused.json()["detail"]
+    assert 'error="insufficient_scope"' in refused.headers["WWW-Authenticate"]
+    assert client.post("/feedback", headers={"X-API-Key": feedback_only}).status_code == 200
+    assert client.post("/predict", headers={"X-API-Key": admin}).status_code == 200
+
+
+def test_revoked_key_is_refused_without_restart(client: TestClient, keys_path: Path) -> None:
+    key = create_api_key(keys_path, "svc", ["predict"])
+    assert client.post("/predict", headers={"X-API-Key": key}).status_code == 200
+    revoke_api_key(keys_path, key.split("_")[1])
+    response = client.post("/predict", headers={"X-API-Key": key})
+    assert response.status_code == 401
+    assert "revoked" in response.json()["detail"]
+
+
+def test_key_file_stores_only_hashes(keys_path: Path) -> None:
+    key = create_api_key(keys_path, "svc", ["predict", "feedback"])
+    stored = keys_path.read_text()
+    assert key not in stored
+    assert key.split("_", 2)[2] not in stored
+    entry = json.loads(stored)["keys"][0]
+    assert entry["scopes"] == ["predict", "feedback"] and len(entry["sha256"]) == 64
+    assert "sha256" not in list_api_keys(keys_path)[0]
+
+
+def test_unknown_scope_is_rejected_at_creation(keys_path: Path) -> None:
+    with pytest.raises(ValueError, match="scopes"):
+        create_api_key(keys_path, "svc", ["predict", "delete-everything"])
+
+
+def test_good_jwt_with_scope_string_or_scp_list(client: TestClient, rsa_keys: tuple[str, str]) -> None:
+    for scope in ("feedback predict", ["predict"]):
+        token = make_token(rsa_keys[0], scope=scope)
+        response = client.post("/predict", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"subject": "client-42", "method": "jwt"}
+
+
+def test_jwt_without_the_scope_is_403(client: TestClient, rsa_keys: tuple[str, str]) -> None:
+    token = make_token(rsa_keys[0], scope="feedback")
+    assert client.post("/predict", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"expires_in_s": -60}, "token expired"),
+        ({"aud": "someone-else"}, "audience"),
+        ({"iss": "https://evil.example.test/"}, "issuer"),
+    ],
+)
+def test_expired_or_foreign_jwt_is_401(
+    client: TestClient, rsa_keys: tuple[str, str], claims: dict, reason: str
+) -> None:
+    token = make_token(rsa_keys[0], **claims)
+    response = client.post("/predict", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401
+    assert reason in response.json()["detail"].lower()
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+def test_jwt_signed_by_another_key_or_unsigned_is_401(client: TestClient) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_pem = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    now = dt.datetime.now(dt.UTC)
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "x",
+        "exp": now + dt.timedelta(minutes=5),
+        "scope": "admin",
+    }
+    for token in (make_token(other_pem), jwt.encode(claims, None, algorithm="none")):
+        assert client.post("/predict", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_hs256_secret_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path))
+    monkeypatch.setenv("TUNELOOP_JWT_ISSUER", ISSUER)
+    monkeypatch.setenv("TUNELOOP_JWT_AUDIENCE", AUDIENCE)
+    monkeypatch.setenv("TUNELOOP_JWT_KEY", "a-shared-secret-of-at-least-32-bytes!")
+    monkeypatch.setenv("TUNELOOP_JWT_ALGORITHMS", "HS256")
+    auth = authenticator_from_environment(Environment.from_env(tmp_path))
+    assert auth.api_keys is not None and auth.api_keys.path == tmp_path / "api_keys.json"
+    token = jwt.encode(
+        {"iss": ISSUER, "aud": AUDIENCE, "client_id": "batch-job", "exp": 4102444800, "scope": "predict"},
+        "a-shared-secret-of-at-least-32-bytes!",
+        algorithm="HS256",
+    )
+    principal = auth.jwt_verifier.verify(token)
+    assert principal.subject == "batch-job" and principal.scopes == {"predict"}
+
+
+def test_cli_prints_the_key_once_and_it_works(keys_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["--keys-file", str(keys_path), "create-key", "--name", "ci", "--scopes", "predict,feedback"])
+        == 0
+    )
+    key = capsys.readouterr().out.strip()
+    principal = ApiKeyStore(keys_path).verify(key)
+    assert principal.scopes == {"predict", "feedback"}
+    main(["--keys-file", str(keys_path), "list-keys"])
+    listed = capsys.readouterr().out
+    assert key not in listed and principal.subject in listed
