@@ -141,6 +141,29 @@ class RegistryParams(_Frozen):
     require_improvement: bool = False
 
 
+class MonitoringParams(_Frozen):
+    """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
+
+    window_size: int = Field(500, ge=1)
+    min_window_size: int = Field(100, ge=1)
+    reference_size: int = Field(1000, ge=10)
+    reference_seed: int = 42
+    quality_reference_split: Literal["train", "val", "test"] = "test"
+    # Per-window chance of any false drift flag on unchanged traffic, split over its tests (Bonferroni).
+    false_alarm_rate: float = Field(0.05, gt=0, lt=1)
+    text_method: Literal["perc_text_content_drift", "abs_text_content_drift"] = "perc_text_content_drift"
+    text_auc_threshold: float = Field(0.55, gt=0.5, lt=1)
+    min_accuracy_drop: float = Field(0.05, ge=0, lt=1)
+    min_macro_f1_drop: float = Field(0.05, ge=0, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+    # Concept drift is tested only on windows with at least this much feedback.
+    min_labelled_for_quality: int = Field(30, ge=5)
+    min_labelled_examples: int = Field(50, ge=1)
+    cooldown_hours: float = Field(24.0, ge=0)
+    retrain_on_data_drift: bool = False
+    feedback_group_value: str = "unknown"
+
+
 class Params(_Frozen):
     data: DataParams
     prepare: PrepareParams = PrepareParams()
@@ -151,6 +174,7 @@ class Params(_Frozen):
     model_gate: ModelGateParams = ModelGateParams()
     registry: RegistryParams = RegistryParams()
     gateway: GatewayParams = GatewayParams()
+    monitoring: MonitoringParams = MonitoringParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,0 +1,465 @@
+"""Data and concept drift of live traffic against the training reference, with Evidently 0.7.
+
+Pure functions over pandas frames with the inference log's column names (``text``, ``label`` = the
+predicted label, ``score``, ``true_label`` = feedback or None): data in, a JSON-ready summary and
+Evidently snapshots out. Saving and logging them is the caller's job (``pipelines.monitor``).
+
+False alarms are budgeted per window: every test a window runs shares ``false_alarm_rate``
+(Bonferroni), so unchanged traffic raises any flag in at most that share of windows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import chi2_contingency, fisher_exact
+from statsmodels.stats.proportion import proportions_ztest
+
+from pipelines.config import MonitoringParams
+
+TEXT = "text"
+PREDICTED = "label"
+TRUE_LABEL = "true_label"
+SCORE = "score"
+# Descriptor columns the data-drift report tests besides the text itself.
+TEXT_LENGTH = "text_length"
+NON_LETTER_SHARE = "non_letter_share"
+OOV_SHARE = "oov_share"
+DATA_SIGNALS = (TEXT, TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE, PREDICTED)
+CONCEPT_SIGNALS = ("accuracy", "macro_f1")
+# Our two-sample chi-square test of homogeneity, registered with Evidently under this name.
+HOMOGENEITY_TEST = "chi2_homogeneity"
+# Letters-only words, case-folded: digits and order numbers would make every new order id "new".
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def document_frequencies(texts: Iterable[str]) -> Counter:
+    """In how many texts each word occurs: the training vocabulary, with counts for leave-one-out."""
+    frequencies: Counter = Counter()
+    for text in texts:
+        frequencies.update(set(words(text)))
+    return frequencies
+
+
+def oov_shares(texts: Sequence[str], vocabulary: Counter, *, in_vocabulary_texts: bool = False) -> np.ndarray:
+    """Share of each text's words that the training vocabulary lacks.
+
+    Written here instead of Evidently's ``OOVWordsPercentage`` because that descriptor downloads an
+    NLTK English word list at run time (it fails offline), and because "out of *our training*
+    vocabulary" is what says the model meets words it never learned from.
+
+    Reference texts come from the training data, so against the full vocabulary they would score 0
+    by construction and any live text would look drifted. With ``in_vocabulary_texts`` a word counts
+    as out of vocabulary when this text is the only training text that has it (leave-one-out): the
+    share it would have had as unseen traffic.
+    """
+    unseen_below = 2 if in_vocabulary_texts else 1
+    shares = np.zeros(len(texts), dtype=float)
+    for index, text in enumerate(texts):
+        tokens = words(text)
+        if tokens:
+            shares[index] = sum(vocabulary.get(token, 0) < unseen_below for token in tokens) / len(tokens)
+    return shares
+
+
+def _register_homogeneity_test() -> None:
+    """Register a two-sample chi-square test of homogeneity with Evidently (idempotent).
+
+    Evidently's ``chisquare`` is a goodness-of-fit test that takes the reference proportions as
+    exact; with a reference of 1,000 rows and windows of a few hundred that inflates false alarms
+    (and a class the reference never predicted gives an infinite statistic). The contingency test
+    treats both sides as samples.
+    """
+    from evidently.legacy.calculations.stattests.registry import (
+        StatTest,
+        _registered_stat_tests,
+        register_stattest,
+    )
+    from evidently.legacy.core import ColumnType
+
+    if HOMOGENEITY_TEST in _registered_stat_tests:
+        return
+
+    def homogeneity(reference: pd.Series, current: pd.Series, feature_type, threshold: float):
+        table = pd.concat(
+            [reference.value_counts().rename("reference"), current.value_counts().rename("current")], axis=1
+        ).fillna(0)
+        if len(table) < 2:
+            return 1.0, False
+        p_value = float(chi2_contingency(table.T.to_numpy())[1])
+        return p_value, p_value < threshold
+
+    register_stattest(
+        StatTest(
+            name=HOMOGENEITY_TEST,
+            display_name="chi-square test of homogeneity p_value",
+            allowed_feature_types=[ColumnType.Categorical],
+        ),
+        default_impl=homogeneity,
+    )
+
+
+def with_oov(frame: pd.DataFrame, vocabulary: Counter, *, in_vocabulary_texts: bool) -> pd.DataFrame:
+    frame = frame[[TEXT, PREDICTED]].copy()
+    frame[TEXT] = frame[TEXT].astype(str)
+    frame[PREDICTED] = frame[PREDICTED].astype(str)
+    frame[OOV_SHARE] = oov_shares(frame[TEXT].tolist(), vocabulary, in_vocabulary_texts=in_vocabulary_texts)
+    return frame
+
+
+def tests_per_window(labelled: bool) -> int:
+    return len(DATA_SIGNALS) + (len(CONCEPT_SIGNALS) if labelled else 0)
+
+
+@dataclass
+class DriftResult:
+    """The JSON summary and the Evidently snapshots behind it (``save_html`` on each)."""
+
+    summary: dict[str, Any]
+    data_report: Any
+    quality_report: Any | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def data_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    vocabulary: Counter,
+    params: MonitoringParams,
+    alpha: float,
+) -> tuple[dict[str, Any], Any]:
+    """Evidently report of text, descriptor and predicted-label drift; per-signal flags at level ``alpha``.
+
+    The text column is tested with Evidently's domain classifier (TF-IDF + logistic regression, ROC
+    AUC on a held-out half); descriptors with two-sample Kolmogorov-Smirnov; predicted labels with a
+    chi-square test of homogeneity.
+    """
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.descriptors import NonLetterCharacterPercentage, TextLength
+    from evidently.metrics import ValueDrift
+
+    _register_homogeneity_test()
+    definition = DataDefinition(
+        text_columns=[TEXT], categorical_columns=[PREDICTED], numerical_columns=[OOV_SHARE]
+    )
+    descriptors = [
+        TextLength(TEXT, alias=TEXT_LENGTH),
+        NonLetterCharacterPercentage(TEXT, alias=NON_LETTER_SHARE),
+    ]
+    datasets = [
+        Dataset.from_pandas(
+            with_oov(frame, vocabulary, in_vocabulary_texts=is_reference),
+            data_definition=definition,
+            descriptors=descriptors,
+        )
+        for frame, is_reference in ((current, False), (reference, True))
+    ]
+    if params.text_method == "perc_text_content_drift":
+        text_threshold = 1 - alpha
+    else:
+        text_threshold = params.text_auc_threshold
+    methods = {
+        TEXT: (params.text_method, text_threshold),
+        TEXT_LENGTH: ("ks", alpha),
+        NON_LETTER_SHARE: ("ks", alpha),
+        OOV_SHARE: ("ks", alpha),
+        PREDICTED: (HOMOGENEITY_TEST, alpha),
+    }
+    metrics = [
+        ValueDrift(column=column, method=method, threshold=threshold)
+        for column, (method, threshold) in methods.items()
+    ]
+    snapshot = Report(metrics, include_tests=True).run(datasets[0], datasets[1])
+    signals = _signals_from_snapshot(json.loads(snapshot.json()), methods)
+    current_frame, reference_frame = (dataset.as_dataframe() for dataset in datasets)
+    for column in (TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE):
+        signals[column]["reference_mean"] = float(reference_frame[column].mean())
+        signals[column]["current_mean"] = float(current_frame[column].mean())
+    signals[PREDICTED]["total_variation"] = total_variation(reference[PREDICTED], current[PREDICTED])
+    drifted = [name for name, signal in signals.items() if signal["drifted"]]
+    return {
+        "detected": bool(drifted),
+        "drifted_signals": drifted,
+        "share_drifted": len(drifted) / len(signals),
+        "signals": signals,
+    }, snapshot
+
+
+def _signals_from_snapshot(snapshot: dict, methods: dict[str, tuple[str, float]]) -> dict[str, dict]:
+    """Score per column from the metrics, drift flag from Evidently's own test of each metric."""
+    status = {test["metric_config"]["metric_id"]: test["status"] for test in snapshot["tests"]}
+    signals = {}
+    for metric in snapshot["metrics"]:
+        column = metric["config"]["column"]
+        method, threshold = methods[column]
+        if metric["id"] not in status:
+            raise RuntimeError(f"Evidently returned no drift test for column {column!r}")
+        signals[column] = {
+            "method": method,
+            # A p-value for the statistical tests, the domain classifier's ROC AUC for the text.
+            "score": float(metric["value"]),
+            "threshold": float(threshold),
+            "drifted": status[metric["id"]] == "FAIL",
+        }
+    missing = set(methods) - set(signals)
+    if missing:
+        raise RuntimeError(f"Evidently returned no drift metric for {sorted(missing)}")
+    return signals
+
+
+def total_variation(reference: pd.Series, current: pd.Series) -> float:
+    """Half the L1 distance between two label distributions: 0 identical, 1 disjoint."""
+    ref = reference.astype(str).value_counts(normalize=True)
+    cur = current.astype(str).value_counts(normalize=True)
+    return float(0.5 * ref.subtract(cur, fill_value=0).abs().sum())
+
+
+def accuracy_drop_test(reference_correct: np.ndarray, current_correct: np.ndarray) -> dict[str, float]:
+    """One-sided two-proportion z-test that current accuracy is below the reference accuracy.
+
+    The two sets are different texts (independent samples), so an unpaired test is the right one.
+    """
+    k = np.array([reference_correct.sum(), current_correct.sum()])
+    n = np.array([len(reference_correct), len(current_correct)])
+    reference_accuracy, current_accuracy = k / n
+    # Every answer right (or every answer wrong) on both sides: no variance, nothing to test.
+    degenerate = k.sum() in (0, n.sum())
+    p_value = 1.0 if degenerate else float(proportions_ztest(k, n, alternative="larger")[1])
+    return {
+        "reference": float(reference_accuracy),
+        "current": float(current_accuracy),
+        "drop": float(reference_accuracy - current_accuracy),
+        "p_value": p_value,
+    }
+
+
+def macro_f1_from_codes(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> float:
+    """Macro-F1 over the classes present in ``truth``, from integer label codes.
+
+    Equals ``sklearn.metrics.f1_score(average="macro", labels=<present classes>)``; written with
+    bincount because the bootstrap calls it thousands of times and sklearn's input checks alone
+    take milliseconds per call. Classes absent from ``truth`` are left out, as a resample that
+    misses a rare class should not score it as F1 = 0.
+    """
+    true_positives = np.bincount(truth[truth == predicted], minlength=n_labels)
+    actual = np.bincount(truth, minlength=n_labels)
+    predicted_count = np.bincount(predicted, minlength=n_labels)
+    present = actual > 0
+    denominator = actual[present] + predicted_count[present]
+    return float(np.mean(2 * true_positives[present] / denominator))
+
+
+def macro_f1_drop_test(
+    reference: pd.DataFrame, current: pd.DataFrame, labels: Sequence[str], samples: int, seed: int
+) -> dict[str, float]:
+    """Bootstrap test that current macro-F1 is below the reference's.
+
+    Macro-F1 has no closed-form variance, so both sets are resampled independently ``samples`` times;
+    the one-sided p-value is the share of resampled differences (reference - current) at or below 0,
+    with the +1 correction so it is never exactly 0.
+    """
+    rng = np.random.default_rng(seed)
+    codes = {
+        label: index
+        for index, label in enumerate(
+            dict.fromkeys(
+                [
+                    *labels,
+                    *reference[TRUE_LABEL],
+                    *reference[PREDICTED],
+                    *current[TRUE_LABEL],
+                    *current[PREDICTED],
+                ]
+            )
+        )
+    }
+    n_labels = len(codes)
+
+    def encode(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            frame[TRUE_LABEL].map(codes).to_numpy(dtype=np.int64),
+            frame[PREDICTED].map(codes).to_numpy(dtype=np.int64),
+        )
+
+    (ref_truth, ref_pred), (cur_truth, cur_pred) = encode(reference), encode(current)
+    reference_f1 = macro_f1_from_codes(ref_truth, ref_pred, n_labels)
+    current_f1 = macro_f1_from_codes(cur_truth, cur_pred, n_labels)
+    differences = np.empty(samples)
+    for index in range(samples):
+        ref_rows = rng.integers(0, len(ref_truth), len(ref_truth))
+        cur_rows = rng.integers(0, len(cur_truth), len(cur_truth))
+        differences[index] = macro_f1_from_codes(
+            ref_truth[ref_rows], ref_pred[ref_rows], n_labels
+        ) - macro_f1_from_codes(cur_truth[cur_rows], cur_pred[cur_rows], n_labels)
+    p_value = (np.sum(differences <= 0) + 1) / (samples + 1)
+    low, high = np.quantile(differences, [0.025, 0.975])
+    return {
+        "reference": reference_f1,
+        "current": current_f1,
+        "drop": reference_f1 - current_f1,
+        "p_value": float(p_value),
+        "drop_ci95": [float(low), float(high)],
+    }
+
+
+def per_class_recall_shift(
+    reference: pd.DataFrame, current: pd.DataFrame, labels: Sequence[str], alpha: float
+) -> dict[str, dict]:
+    """Recall per true class, reference vs current, with a one-sided Fisher exact test per class.
+
+    Reported for diagnosis, not used to trigger: its p-values are Bonferroni-corrected over the
+    classes that have current examples, and a class needs a few examples before a shift means much.
+    """
+    shifts: dict[str, dict] = {}
+    tested = [label for label in labels if (current[TRUE_LABEL] == label).any()]
+    for label in labels:
+        ref_rows = reference[reference[TRUE_LABEL] == label]
+        cur_rows = current[current[TRUE_LABEL] == label]
+        ref_hits = int((ref_rows[PREDICTED] == label).sum())
+        cur_hits = int((cur_rows[PREDICTED] == label).sum())
+        entry: dict[str, Any] = {
+            "n_reference": len(ref_rows),
+            "n_current": len(cur_rows),
+            "reference_recall": ref_hits / len(ref_rows) if len(ref_rows) else None,
+            "current_recall": cur_hits / len(cur_rows) if len(cur_rows) else None,
+        }
+        if len(ref_rows) and len(cur_rows):
+            entry["shift"] = entry["current_recall"] - entry["reference_recall"]
+            table = [[ref_hits, len(ref_rows) - ref_hits], [cur_hits, len(cur_rows) - cur_hits]]
+            p_value = float(fisher_exact(table, alternative="greater")[1])
+            entry["p_value"] = min(1.0, p_value * len(tested))
+            entry["dropped"] = entry["p_value"] < alpha
+        shifts[label] = entry
+    return shifts
+
+
+def concept_drift(
+    quality_reference: pd.DataFrame,
+    labelled: pd.DataFrame,
+    labels: Sequence[str],
+    params: MonitoringParams,
+    alpha: float,
+) -> dict[str, Any]:
+    """Accuracy and macro-F1 of the labelled feedback against the reference quality.
+
+    A drop counts when it is significant at ``alpha`` AND at least ``min_*_drop``: with thousands
+    of labels, a statistically real but negligible drop should not retrain a model.
+    """
+    accuracy = accuracy_drop_test(
+        (quality_reference[TRUE_LABEL] == quality_reference[PREDICTED]).to_numpy(),
+        (labelled[TRUE_LABEL] == labelled[PREDICTED]).to_numpy(),
+    )
+    macro_f1 = macro_f1_drop_test(
+        quality_reference, labelled, labels, params.bootstrap_samples, params.reference_seed
+    )
+    accuracy["drifted"] = accuracy["p_value"] < alpha and accuracy["drop"] >= params.min_accuracy_drop
+    macro_f1["drifted"] = macro_f1["p_value"] < alpha and macro_f1["drop"] >= params.min_macro_f1_drop
+    drifted = [name for name, test in (("accuracy", accuracy), ("macro_f1", macro_f1)) if test["drifted"]]
+    return {
+        "detected": bool(drifted),
+        "drifted_signals": drifted,
+        "tests": {
+            "accuracy": {**accuracy, "method": "two-proportion z-test, one-sided", "threshold": alpha},
+            "macro_f1": {**macro_f1, "method": "bootstrap, one-sided", "threshold": alpha},
+        },
+        "per_class_recall": per_class_recall_shift(quality_reference, labelled, labels, alpha),
+    }
+
+
+def quality_report(quality_reference: pd.DataFrame, labelled: pd.DataFrame, labels: Sequence[str]) -> Any:
+    """Evidently's classification quality of the labelled feedback next to the reference, for people."""
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.presets import ClassificationPreset
+
+    definition = DataDefinition(
+        classification=[MulticlassClassification(target=TRUE_LABEL, prediction_labels=PREDICTED)],
+        categorical_columns=[TRUE_LABEL, PREDICTED],
+    )
+    current, reference = (
+        Dataset.from_pandas(frame[[TRUE_LABEL, PREDICTED]].astype(str), data_definition=definition)
+        for frame in (labelled, quality_reference)
+    )
+    return Report([ClassificationPreset()]).run(current, reference)
+
+
+def detect_drift(
+    reference: pd.DataFrame,
+    quality_reference: pd.DataFrame,
+    current: pd.DataFrame,
+    vocabulary: Counter,
+    labels: Sequence[str],
+    params: MonitoringParams,
+) -> DriftResult:
+    """Data drift of ``current`` against ``reference``; concept drift when it has enough feedback.
+
+    Args:
+        reference: training texts with the model's predictions (``text``, ``label``).
+        quality_reference: labelled held-out texts with the model's predictions (``true_label``, ``label``).
+        current: a window of the inference log (``text``, ``label``, ``true_label`` or None).
+        vocabulary: document frequencies of the training words (``document_frequencies``).
+        labels: the model's label set.
+        params: thresholds and budgets from ``params.yaml``.
+    """
+    for name, frame, needed in (
+        ("reference", reference, {TEXT, PREDICTED}),
+        ("quality reference", quality_reference, {TRUE_LABEL, PREDICTED}),
+        ("current window", current, {TEXT, PREDICTED}),
+    ):
+        missing = needed - set(frame.columns)
+        if missing:
+            raise KeyError(f"the {name} lacks columns {sorted(missing)} (it has {list(frame.columns)})")
+        if frame.empty:
+            raise ValueError(f"the {name} is empty")
+    if len(current) < params.min_window_size:
+        raise ValueError(
+            f"the window has {len(current)} predictions, fewer than monitoring.min_window_size "
+            f"({params.min_window_size}): too few to tell drift from noise"
+        )
+    labelled = current[current[TRUE_LABEL].notna()] if TRUE_LABEL in current.columns else current.iloc[:0]
+    with_quality = len(labelled) >= params.min_labelled_for_quality
+    n_tests = tests_per_window(with_quality)
+    alpha = params.false_alarm_rate / n_tests
+    data, data_snapshot = data_drift(reference, current, vocabulary, params, alpha)
+    summary: dict[str, Any] = {
+        "n_reference": len(reference),
+        "n_current": len(current),
+        "n_labelled": len(labelled),
+        "n_tests": n_tests,
+        "alpha_per_test": alpha,
+        "false_alarm_rate": params.false_alarm_rate,
+        "data_drift": data,
+        "concept_drift": None,
+    }
+    quality_snapshot = None
+    if with_quality:
+        summary["concept_drift"] = concept_drift(quality_reference, labelled, labels, params, alpha)
+        quality_snapshot = quality_report(quality_reference, labelled, labels)
+    summary["drift_detected"] = data["detected"] or bool(
+        summary["concept_drift"] and summary["concept_drift"]["detected"]
+    )
+    return DriftResult(summary=_finite(summary), data_report=data_snapshot, quality_report=quality_snapshot)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: turn them into None so that the summary always parses."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    return value
