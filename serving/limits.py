@@ -1,0 +1,210 @@
+"""What the gateway refuses before a request reaches a model server, and how it says so.
+
+Every refusal is a :class:`Refusal`: a 4xx whose JSON body names the rule (``error``) and explains it
+(``detail``), never a stack trace and never the refused input echoed back (it may hold PII).
+
+The per-key rate limit is a token bucket kept in the gateway process. It is written here rather than
+taken from the ``limits`` package because that package offers fixed and moving windows, not a
+bucket that allows a burst and then a steady rate, and one process needs no shared storage. With
+several gateway replicas each enforces its own bucket (the effective limit is replicas × rate); a
+shared limit would need Redis, which ``limits`` supports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+JSON_TYPES = ("application/json",)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class Refusal(Exception):
+    """A request the gateway will not serve: HTTP status, a stable error code, a human explanation."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers, self.extra = status, error, detail, headers, extra
+
+    def response(self) -> JSONResponse:
+        body = {"error": self.error, "detail": self.detail} | self.extra
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+async def refusal_handler(_: Request, refusal: Refusal) -> JSONResponse:
+    return refusal.response()
+
+
+async def validation_error_handler(_: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own validation errors, in the refusal format and without echoing the input."""
+    refusal = Refusal(
+        422, "invalid_request", "the request does not match the schema", problems=_problems(error.errors())
+    )
+    return refusal.response()
+
+
+async def unexpected_error_handler(request: Request, _: Exception) -> JSONResponse:
+    """A bug must not leak a stack trace to the caller; the server log has it (Starlette logs it)."""
+    request_id = getattr(request.state, "request_id", None)
+    body = {
+        "error": "internal_error",
+        "detail": "the gateway failed to handle the request",
+        "request_id": request_id,
+    }
+    return JSONResponse(body, status_code=500)
+
+
+def _problems(errors: Sequence[Any]) -> list[dict[str, str]]:
+    return [
+        {
+            "location": ".".join(str(part) for part in error.get("loc", ())),
+            "problem": str(error.get("msg", "")),
+        }
+        for error in errors
+    ]
+
+
+# ------------------------------------------------------------------------------------------- rate limit
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBucketLimiter:
+    """Per-key token bucket: ``burst`` requests at once, refilled at ``rate_per_s``."""
+
+    # Buckets idle long enough to be full again carry no state; drop them past this many keys.
+    MAX_TRACKED_KEYS = 10_000
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self.rate_per_s, self.burst, self._clock = rate_per_s, burst, clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def try_acquire(self, key: str, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens; 0.0 when allowed, else the seconds to wait before it would be."""
+        with self._lock:
+            now = self._clock()
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= self.MAX_TRACKED_KEYS:
+                    self._forget_full_buckets(now)
+                bucket = self._buckets[key] = _Bucket(tokens=float(self.burst), updated=now)
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
+            bucket.updated = now
+            if bucket.tokens >= cost:
+                bucket.tokens -= cost
+                return 0.0
+            return (cost - bucket.tokens) / self.rate_per_s
+
+    def check(self, key: str) -> None:
+        """Raise a 429 refusal with ``Retry-After`` (whole seconds, rounded up) when over the limit."""
+        wait_s = self.try_acquire(key)
+        if wait_s > 0:
+            retry_after = max(1, math.ceil(wait_s))
+            raise Refusal(
+                429,
+                "rate_limited",
+                f"rate limit of {self.rate_per_s:g} requests/s (burst {self.burst}) exceeded for these "
+                f"credentials; retry after {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+    def _forget_full_buckets(self, now: float) -> None:
+        full_after_s = self.burst / self.rate_per_s
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.updated < full_after_s}
+
+
+# ----------------------------------------------------------------------------------------- request body
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int, allowed_types: Sequence[str] = JSON_TYPES) -> str:
+    """The body as text, after the content-type, size and UTF-8 checks (415, 413, 400)."""
+    media_type = _media_type(request)
+    if media_type not in allowed_types:
+        raise Refusal(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be {' or '.join(allowed_types)}; got {media_type or 'none'}",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise Refusal(
+            400, "invalid_utf8", f"the body is not valid UTF-8 (byte offset {error.start})"
+        ) from error
+
+
+def _too_large(max_bytes: int) -> Refusal:
+    return Refusal(413, "body_too_large", f"the body is larger than {max_bytes} bytes")
+
+
+async def read_json_model(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
+    """Read, check and validate a JSON body into ``model`` (415, 413, 400 invalid UTF-8/JSON, 422)."""
+    text = await read_body(request, max_bytes)
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise Refusal(400, "invalid_json", f"the body is not valid JSON: {error}") from error
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise Refusal(
+            422,
+            "invalid_request",
+            "the request does not match the schema",
+            problems=_problems(error.errors()),
+        ) from error
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Size rules on the texts of one prediction request."""
+
+    max_text_chars: int
+    max_batch_size: int
+
+    def check(self, texts: Sequence[str]) -> None:
+        if len(texts) > self.max_batch_size:
+            raise Refusal(
+                422, "batch_too_large", f"{len(texts)} texts in one request; at most {self.max_batch_size}"
+            )
+        for index, text in enumerate(texts):
+            if len(text) > self.max_text_chars:
+                raise Refusal(
+                    422,
+                    "text_too_long",
+                    f"text {index} has {len(text)} characters; at most {self.max_text_chars}",
+                    item_index=index,
+                )
+            if not text.strip():
+                raise Refusal(422, "empty_text", f"text {index} is empty", item_index=index)
