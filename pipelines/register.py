@@ -17,14 +17,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
 from pipelines.config import Environment, RegistryParams, load_params
 from pipelines.io import file_md5, read_json
-from pipelines.tracking import git_commit, use_experiment
+from pipelines.tracking import current_version, git_commit, use_experiment
 from serving.inference import MANIFEST_FILE
 from serving.pyfunc_model import log_intent_model
 
@@ -219,16 +218,6 @@ def evaluation_card(
         "`tuneloop promote --to prod`.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def current_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version behind ``alias``, or None when the model or the alias does not exist."""
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-            return None
-        raise
 
 
 def metric_tags(metrics: dict[str, float]) -> dict[str, str]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,75 @@ def build_tiny_base(folder: Path) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell has after activating the virtualenv, plus ``extra``."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
+    """Until ``url`` answers 200; fails early, with the exit code, when the process dies."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+TWO_LABELS = ("cancel_order", "check_order_status")
+
+
+def two_label_slice(rows_per_label: int = 12):
+    """A small slice of the sample over two intents that the tiny model learns in seconds."""
+    import pandas as pd
+
+    sample = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")
+    rows = [sample[sample["intent"] == label].head(rows_per_label) for label in TWO_LABELS]
+    frame = pd.concat(rows).rename(columns={"intent": "label"})
+    return frame[["text", "label"]].reset_index(drop=True)
+
+
+def train_tiny_adapter(frame, base: Path, out_dir: Path, labels=TWO_LABELS) -> Path:
+    """Overfit the tiny base on ``frame`` (train = validation): a working adapter in a few seconds."""
+    from pipelines.config import ModelParams, TrainParams
+    from pipelines.train import train
+
+    params = TrainParams(
+        epochs=5,
+        learning_rate=0.01,
+        batch_size=4,
+        lora_rank=8,
+        warmup_fraction=0.0,
+        early_stopping_patience=5,
+        max_length=32,
+        device="cpu",
+    )
+    train(frame, frame, labels, ModelParams(base=str(base)), params, out_dir)
+    return out_dir
+
+
+def reversed_label_copy(adapter: Path, out_dir: Path) -> Path:
+    """The same weights with the label map reversed: a realistic broken release that predicts differently."""
+    import json
+
+    from serving.inference import LABELS_FILE
+
+    shutil.copytree(adapter, out_dir)
+    labels = json.loads((adapter / LABELS_FILE).read_text())
+    (out_dir / LABELS_FILE).write_text(json.dumps(list(reversed(labels))))
+    return out_dir
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +156,4 @@ def project(tmp_path, tiny_base, monkeypatch) -> Path:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a command the way a user would, with this interpreter's bin/ first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(list(args), cwd=cwd, env=venv_env(), capture_output=True, text=True)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,50 +23,30 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from evaluation.gates import evaluate_gates
-from pipelines.config import ModelParams, RegistryParams, TrainParams
+from pipelines.config import RegistryParams
 from pipelines.promote import AUDIT_FILE, PromotionRefused, promote, rollback
 from pipelines.register import Lineage, register_candidate
-from pipelines.train import train
-from serving.inference import LABELS_FILE, MANIFEST_FILE, IntentClassifier
+from serving.inference import MANIFEST_FILE, IntentClassifier
+from serving.model_server import free_port
 from serving.pyfunc_model import model_artifacts
-from tests.conftest import build_tiny_base
+from tests.conftest import (
+    TWO_LABELS,
+    build_tiny_base,
+    reversed_label_copy,
+    train_tiny_adapter,
+    two_label_slice,
+    venv_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 NAME = "tuneloop-intent-test"
-LABELS = ("cancel_order", "check_order_status")
-ROWS_PER_LABEL = 12
+LABELS = TWO_LABELS
 BIAS = {"groups": {"channel": {"accuracy_gap": 0.05, "macro_f1_gap": 0.04}}, "counterfactual": {}}
 LINEAGE = Lineage(data_md5="0123abcd", git_commit="feedbeef", dvc_lock_md5="absent")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds}s")
-
-
-def venv_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +97,7 @@ def server(server_process, adapters):
 
 @pytest.fixture(scope="module")
 def data() -> pd.DataFrame:
-    sample = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")
-    rows = [sample[sample["intent"] == label].head(ROWS_PER_LABEL) for label in LABELS]
-    frame = pd.concat(rows).rename(columns={"intent": "label"})
-    return frame[["text", "label"]].reset_index(drop=True)
+    return two_label_slice()
 
 
 @pytest.fixture(scope="module")
@@ -137,29 +112,11 @@ def work(server_process, tmp_path_factory) -> Path:
     return root
 
 
-def _train(frame: pd.DataFrame, base: Path, out_dir: Path) -> Path:
-    params = TrainParams(
-        epochs=5,
-        learning_rate=0.01,
-        batch_size=4,
-        lora_rank=8,
-        warmup_fraction=0.0,
-        early_stopping_patience=5,
-        max_length=32,
-        device="cpu",
-    )
-    train(frame, frame, LABELS, ModelParams(base=str(base)), params, out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def adapters(work, data) -> dict[str, Path]:
     """One trained adapter, and a broken copy whose label map is reversed (a realistic regression)."""
-    good = _train(data, work / "base", work / "good")
-    bad = work / "bad"
-    shutil.copytree(good, bad)
-    (bad / LABELS_FILE).write_text(json.dumps(list(reversed(LABELS))))
-    return {"good": good, "bad": bad}
+    good = train_tiny_adapter(data, work / "base", work / "good")
+    return {"good": good, "bad": reversed_label_copy(good, work / "bad")}
 
 
 @pytest.fixture(scope="module")
