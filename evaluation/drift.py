@@ -119,7 +119,7 @@ def with_oov(frame: pd.DataFrame, vocabulary: Counter, *, in_vocabulary_texts: b
     return frame
 
 
-def tests_per_window(labelled: bool) -> int:
+def window_test_count(labelled: bool) -> int:
     return len(DATA_SIGNALS) + (len(CONCEPT_SIGNALS) if labelled else 0)
 
 
@@ -429,7 +429,7 @@ def detect_drift(
         )
     labelled = current[current[TRUE_LABEL].notna()] if TRUE_LABEL in current.columns else current.iloc[:0]
     with_quality = len(labelled) >= params.min_labelled_for_quality
-    n_tests = tests_per_window(with_quality)
+    n_tests = window_test_count(with_quality)
     alpha = params.false_alarm_rate / n_tests
     data, data_snapshot = data_drift(reference, current, vocabulary, params, alpha)
     summary: dict[str, Any] = {

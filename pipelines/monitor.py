@@ -1,0 +1,590 @@
+"""`monitor` step: a window of the inference log -> drift result -> MLflow -> retraining decision.
+
+Plain functions with typed inputs; the Prefect flow (``flows/monitor_drift.py``) and ``main()`` are
+thin adapters. What it writes: the Evidently HTML reports and the JSON summary to MLflow (experiment
+``monitoring``), the latest summary to ``<TUNELOOP_HOME>/monitoring/latest.json`` (read by the
+gateway's ``/metrics`` through :class:`DriftGaugeCollector`), and, when retraining is decided, the
+labelled feedback appended to the raw data as a new DVC data version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evaluation.drift import PREDICTED, TEXT, TRUE_LABEL, DriftResult, detect_drift, document_frequencies
+from pipelines.config import DataParams, Environment, MonitoringParams, load_params
+from pipelines.datastore import add_and_push, tracked_md5
+from pipelines.io import file_md5, read_json, read_table, write_json
+from pipelines.prepare import fold_text, normalise_whitespace
+
+log = logging.getLogger(__name__)
+
+MONITORING_EXPERIMENT = "monitoring"
+LOG_COLUMNS = ("request_id", "item_index", "created_at", "model_name", "model_version", "text", "label")
+# texts -> frame with `label` and `score`, one row per text, in order.
+Predictor = Callable[[Sequence[str]], pd.DataFrame]
+
+
+def inference_log_url(home_dir: Path) -> str:
+    """``TUNELOOP_INFERENCE_LOG_URL``, by default a SQLite file in TUNELOOP_HOME (same as the gateway)."""
+    return os.environ.get("TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{home_dir / 'inference_log.db'}")
+
+
+def monitoring_dir(home_dir: Path) -> Path:
+    return home_dir / "monitoring"
+
+
+def read_log(db_url: str, *, last_n: int | None = None, since: datetime | None = None) -> pd.DataFrame:
+    """Rows of the gateway's inference log (``serving.inference_log.read_window``)."""
+    from serving.inference_log import read_window
+
+    return read_window(db_url, last_n=last_n, since=since)
+
+
+def latest_version_rows(window: pd.DataFrame) -> pd.DataFrame:
+    """The rows answered by the newest model version in the window.
+
+    Right after a promotion a window mixes two models; comparing that mix with one model's reference
+    would report the swap as drift.
+    """
+    if "model_version" not in window.columns or window["model_version"].nunique(dropna=False) <= 1:
+        return window
+    ordered = window.sort_values("created_at") if "created_at" in window.columns else window
+    newest = ordered["model_version"].iloc[-1]
+    return window[window["model_version"] == newest]
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Reference:
+    """What a window is compared with, for one model version.
+
+    ``frame``: a seeded sample of the train split with the model's predictions (data drift).
+    ``quality``: a labelled held-out split with the model's predictions (concept drift).
+    ``vocabulary``: document frequencies of the whole train split (out-of-vocabulary share).
+    """
+
+    frame: pd.DataFrame
+    quality: pd.DataFrame
+    vocabulary: Counter
+    key: str
+
+
+def adapter_predictor(adapter_dir: Path, batch_size: int = 64) -> Predictor:
+    """Predictions of a local adapter folder (``models/adapter``) through :class:`IntentClassifier`."""
+    from serving.inference import IntentClassifier
+
+    classifier = IntentClassifier.load(adapter_dir)
+
+    def predict(texts: Sequence[str]) -> pd.DataFrame:
+        results = classifier.predict(list(texts), top_k=1, batch_size=batch_size)
+        return pd.DataFrame({"label": [r["label"] for r in results], "score": [r["score"] for r in results]})
+
+    return predict
+
+
+def registry_predictor(model_uri: str) -> Predictor:
+    """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``)."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri)
+
+    def predict(texts: Sequence[str]) -> pd.DataFrame:
+        return model.predict(pd.DataFrame({"text": list(texts)}))[["label", "score"]]
+
+    return predict
+
+
+def reference_key(model_id: str, prepared_dir: Path, params: MonitoringParams) -> str:
+    """Cache key: model identity, train data content and the reference settings."""
+    parts = [
+        model_id,
+        file_md5(prepared_dir / "train.parquet"),
+        file_md5(prepared_dir / f"{params.quality_reference_split}.parquet"),
+        str(params.reference_size),
+        str(params.reference_seed),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_reference(
+    predictor: Predictor, prepared_dir: Path, params: MonitoringParams, model_id: str, cache_dir: Path
+) -> Reference:
+    """Reference frames with the model's predictions, cached per model version and data version."""
+    key = reference_key(model_id, prepared_dir, params)
+    folder = cache_dir / key
+    train = pd.read_parquet(prepared_dir / "train.parquet")
+    vocabulary = document_frequencies(train["text"].astype(str))
+    if (folder / "reference.parquet").exists() and (folder / "quality.parquet").exists():
+        log.info("reference for %s from cache %s", model_id, folder)
+        return Reference(
+            pd.read_parquet(folder / "reference.parquet"),
+            pd.read_parquet(folder / "quality.parquet"),
+            vocabulary,
+            key,
+        )
+    sample = train.sample(n=min(params.reference_size, len(train)), random_state=params.reference_seed)
+    quality = pd.read_parquet(prepared_dir / f"{params.quality_reference_split}.parquet")
+    frames = []
+    for part in (sample, quality):
+        predicted = predictor(part["text"].astype(str).tolist())
+        frames.append(
+            pd.DataFrame(
+                {
+                    TEXT: part["text"].astype(str).to_numpy(),
+                    PREDICTED: predicted["label"].astype(str).to_numpy(),
+                    "score": predicted["score"].astype(float).to_numpy(),
+                    TRUE_LABEL: part["label"].astype(str).to_numpy(),
+                }
+            )
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    frames[0].to_parquet(folder / "reference.parquet", index=False)
+    frames[1].to_parquet(folder / "quality.parquet", index=False)
+    write_json(
+        folder / "meta.json", {"model": model_id, "prepared_dir": str(prepared_dir), **params.model_dump()}
+    )
+    return Reference(frames[0], frames[1], vocabulary, key)
+
+
+# ------------------------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the job does with a drift result: alert people, retrain, or neither, and why."""
+
+    retrain: bool
+    alert: bool
+    reasons: tuple[str, ...]
+
+
+def should_retrain(
+    summary: dict[str, Any],
+    new_labelled: int,
+    last_trigger_at: datetime | None,
+    now: datetime,
+    params: MonitoringParams,
+) -> Decision:
+    """Retrain on concept drift (or data drift when configured), with enough new labels, out of cool-down.
+
+    Data drift without labels only alerts by default: a shift in wording that the model still
+    handles is not worth a training run, and there are no labels to train on anyway.
+    """
+    data = bool(summary["data_drift"]["detected"])
+    concept = bool(summary.get("concept_drift") and summary["concept_drift"]["detected"])
+    reasons: list[str] = []
+    if data:
+        reasons.append("data drift in " + ", ".join(summary["data_drift"]["drifted_signals"]))
+    if concept:
+        reasons.append("concept drift in " + ", ".join(summary["concept_drift"]["drifted_signals"]))
+    if not (data or concept):
+        return Decision(False, False, ("no drift",))
+    wants_retrain = concept or (data and params.retrain_on_data_drift)
+    if not wants_retrain:
+        reasons.append("data drift alone only alerts (monitoring.retrain_on_data_drift is false)")
+        return Decision(False, True, tuple(reasons))
+    if new_labelled < params.min_labelled_examples:
+        reasons.append(
+            f"only {new_labelled} new labelled examples, fewer than monitoring.min_labelled_examples "
+            f"({params.min_labelled_examples})"
+        )
+        return Decision(False, True, tuple(reasons))
+    if last_trigger_at is not None:
+        cool_down_ends = last_trigger_at + timedelta(hours=params.cooldown_hours)
+        if now < cool_down_ends:
+            reasons.append(f"in cool-down until {cool_down_ends.isoformat()} (monitoring.cooldown_hours)")
+            return Decision(False, True, tuple(reasons))
+    reasons.append(f"{new_labelled} new labelled examples")
+    return Decision(True, True, tuple(reasons))
+
+
+# ------------------------------------------------------------------------------------------- feedback
+
+
+def new_labelled_examples(labelled_log: pd.DataFrame, raw: pd.DataFrame, data: DataParams) -> pd.DataFrame:
+    """Labelled log rows whose text is not in the raw data yet, as ``text``/``label`` (latest label wins).
+
+    Texts are compared case- and punctuation-folded, as `validate` does for duplicates.
+    """
+    rows = labelled_log[labelled_log[TRUE_LABEL].notna()]
+    rows = pd.DataFrame(
+        {
+            "text": normalise_whitespace(rows[TEXT].astype("string")),
+            "label": rows[TRUE_LABEL].astype("string"),
+        }
+    ).dropna()
+    rows = rows[rows["text"].str.len() > 0]
+    known = set(fold_text(normalise_whitespace(raw[data.text_column].astype("string"))).dropna())
+    rows = rows[~fold_text(rows["text"]).isin(known)]
+    return rows.drop_duplicates(subset="text", keep="last").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    raw_path: Path
+    rows_added: int
+    rejected_labels: dict[str, int]
+    md5: str | None
+    pushed_files: int
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """Write by extension (the formats ``read_table`` reads), atomically: a crash leaves the old file."""
+    suffix = path.suffix.lower()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=suffix, delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        if suffix == ".csv":
+            frame.to_csv(temporary, index=False)
+        elif suffix in {".parquet", ".pq"}:
+            frame.to_parquet(temporary, index=False)
+        elif suffix in {".jsonl", ".ndjson"}:
+            frame.to_json(temporary, orient="records", lines=True, force_ascii=False)
+        else:
+            raise ValueError(f"{path}: unsupported extension {suffix!r}; use .csv, .parquet or .jsonl")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def append_feedback(
+    project_dir: Path, raw_path: Path, examples: pd.DataFrame, data: DataParams, group_value: str
+) -> AppendResult:
+    """Append labelled feedback to the raw data in its own columns, then ``dvc add`` + push it.
+
+    Labels outside ``data.labels`` are not appended (validate would reject the whole data version);
+    they are counted in ``rejected_labels`` so that nobody loses sight of them.
+    """
+    raw_file = raw_path if raw_path.is_absolute() else project_dir / raw_path
+    raw = read_table(raw_file)
+    known = examples["label"].isin(set(data.labels))
+    rejected = examples.loc[~known, "label"].value_counts().to_dict()
+    if rejected:
+        log.warning("feedback labels not in data.labels were not appended: %s", rejected)
+    kept = examples[known]
+    if kept.empty:
+        return AppendResult(raw_file, 0, rejected, tracked_md5(raw_file.with_name(raw_file.name + ".dvc")), 0)
+    addition = pd.DataFrame(
+        {column: pd.Series(dtype="string") for column in raw.columns}, index=range(len(kept))
+    )
+    addition[data.text_column] = kept["text"].to_numpy()
+    addition[data.label_column] = kept["label"].to_numpy()
+    for column in data.group_columns:
+        if column in addition.columns:
+            addition[column] = group_value
+    write_table(pd.concat([raw, addition], ignore_index=True), raw_file)
+    # Absolute: DVC resolves a relative target against the process's working folder, not the repo.
+    pushed = add_and_push(project_dir, raw_file.resolve())
+    md5 = tracked_md5(raw_file.with_name(raw_file.name + ".dvc"))
+    log.info("appended %d feedback rows to %s: data version md5 %s", len(kept), raw_file, md5)
+    return AppendResult(raw_file, len(kept), rejected, md5, pushed)
+
+
+# ----------------------------------------------------------------------------------- state and outputs
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.exists() else {}
+
+
+def last_trigger_time(state: dict[str, Any]) -> datetime | None:
+    value = state.get("last_trigger_at")
+    return datetime.fromisoformat(value) if value else None
+
+
+def record_trigger(path: Path, now: datetime, reasons: Sequence[str], data_md5: str | None) -> None:
+    state = read_state(path)
+    state.update(last_trigger_at=now.isoformat(), last_trigger_reasons=list(reasons), last_data_md5=data_md5)
+    write_json(path, state)
+
+
+def log_to_mlflow(result: DriftResult, env: Environment, tags: dict[str, str]) -> str:
+    """Log the reports and summary as a run of the ``monitoring`` experiment; returns the run id."""
+    import mlflow
+
+    from pipelines.tracking import use_experiment
+
+    use_experiment(env.model_copy(update={"experiment_name": MONITORING_EXPERIMENT}))
+    with mlflow.start_run(run_name="drift", tags=tags) as run, tempfile.TemporaryDirectory() as folder:
+        mlflow.log_metrics(flat_metrics(result.summary))
+        mlflow.log_dict(result.summary, "drift/summary.json")
+        result.data_report.save_html(str(Path(folder) / "data_drift.html"))
+        mlflow.log_artifact(str(Path(folder) / "data_drift.html"), "drift")
+        if result.quality_report is not None:
+            result.quality_report.save_html(str(Path(folder) / "quality.html"))
+            mlflow.log_artifact(str(Path(folder) / "quality.html"), "drift")
+        return run.info.run_id
+
+
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Namespaced numbers for MLflow and Prometheus: ``drift/<signal>_score``, ``concept/<metric>_*``."""
+    data = summary["data_drift"]
+    metrics = {
+        "drift/detected": float(summary["drift_detected"]),
+        "drift/data_detected": float(data["detected"]),
+        "drift/share_drifted": float(data["share_drifted"]),
+        "drift/n_current": float(summary["n_current"]),
+        "drift/n_labelled": float(summary["n_labelled"]),
+    }
+    for name, signal in data["signals"].items():
+        if signal["score"] is not None:
+            metrics[f"drift/{name}_score"] = float(signal["score"])
+        metrics[f"drift/{name}_drifted"] = float(signal["drifted"])
+    concept = summary.get("concept_drift")
+    if concept:
+        metrics["concept/detected"] = float(concept["detected"])
+        for name, test in concept["tests"].items():
+            for key in ("reference", "current", "drop", "p_value"):
+                metrics[f"concept/{name}_{key}"] = float(test[key])
+    return metrics
+
+
+def write_latest(summary: dict[str, Any], path: Path) -> Path:
+    """The newest summary, where the gateway's metrics collector reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, suffix=".json", delete=False, encoding="utf-8"
+    ) as out:
+        json.dump(summary, out, indent=2, default=str)
+    Path(out.name).replace(path)
+    return path
+
+
+class DriftGaugeCollector:
+    """Prometheus collector of the latest drift summary, read at scrape time.
+
+    Register it on the gateway's registry: ``registry.register(DriftGaugeCollector(path))``. A
+    collector rather than gauges set by the job, because the job and the gateway are different
+    processes: the file is their interface, and a scrape always shows the newest result.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def describe(self) -> list:
+        return []  # no fixed description: the metrics exist only once a summary does
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import GaugeMetricFamily
+
+        if not self.path.exists():
+            return
+        try:
+            summary = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            log.warning("cannot read drift summary %s: %s", self.path, error)
+            return
+        detected = GaugeMetricFamily(
+            "tuneloop_drift_detected", "1 when the latest drift job flagged drift", labels=["kind"]
+        )
+        detected.add_metric(["data"], float(summary["data_drift"]["detected"]))
+        concept = summary.get("concept_drift")
+        detected.add_metric(["concept"], float(bool(concept and concept["detected"])))
+        yield detected
+        score = GaugeMetricFamily(
+            "tuneloop_drift_score",
+            "Drift score per signal: p-value, or ROC AUC for text",
+            labels=["signal", "method"],
+        )
+        flagged = GaugeMetricFamily(
+            "tuneloop_drift_signal_drifted", "1 when a signal drifted", labels=["signal"]
+        )
+        for name, signal in summary["data_drift"]["signals"].items():
+            if signal["score"] is not None:
+                score.add_metric([name, signal["method"]], float(signal["score"]))
+            flagged.add_metric([name], float(signal["drifted"]))
+        yield score
+        yield flagged
+        if concept:
+            quality = GaugeMetricFamily(
+                "tuneloop_drift_quality",
+                "Quality on labelled feedback vs reference",
+                labels=["metric", "which"],
+            )
+            for name, test in concept["tests"].items():
+                quality.add_metric([name, "reference"], float(test["reference"]))
+                quality.add_metric([name, "current"], float(test["current"]))
+            yield quality
+        window = GaugeMetricFamily(
+            "tuneloop_drift_window_rows", "Rows in the latest drift window", labels=["kind"]
+        )
+        window.add_metric(["predictions"], float(summary["n_current"]))
+        window.add_metric(["labelled"], float(summary["n_labelled"]))
+        yield window
+        if summary.get("finished_at"):
+            finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
+            yield GaugeMetricFamily(
+                "tuneloop_drift_last_run_timestamp_seconds",
+                "When the latest drift job finished",
+                value=finished,
+            )
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+@dataclass
+class MonitorOutcome:
+    summary: dict[str, Any]
+    decision: Decision
+    mlflow_run_id: str | None
+    appended: AppendResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "decision": asdict(self.decision),
+            "mlflow_run_id": self.mlflow_run_id,
+            "appended": asdict(self.appended) if self.appended else None,
+            "notes": self.notes,
+        }
+
+
+def evaluate_window(
+    window: pd.DataFrame, reference: Reference, labels: Sequence[str], params: MonitoringParams
+) -> DriftResult:
+    """Drift of one window against a reference; the summary says which model and data it concerns."""
+    window = latest_version_rows(window)
+    result = detect_drift(reference.frame, reference.quality, window, reference.vocabulary, labels, params)
+    for column in ("model_name", "model_version"):
+        if column in window.columns and len(window):
+            result.summary[column] = str(window[column].iloc[-1])
+    if "created_at" in window.columns and len(window):
+        result.summary["window_start"] = str(pd.to_datetime(window["created_at"]).min())
+        result.summary["window_end"] = str(pd.to_datetime(window["created_at"]).max())
+    result.summary["reference_key"] = reference.key
+    result.summary["finished_at"] = datetime.now(UTC).isoformat()
+    return result
+
+
+def decide_and_append(
+    summary: dict[str, Any],
+    labelled_log: pd.DataFrame,
+    project_dir: Path,
+    data: DataParams,
+    params: MonitoringParams,
+    state_path: Path,
+    now: datetime,
+) -> tuple[Decision, AppendResult | None]:
+    """Decide; on retrain, append the new labelled examples as a DVC data version and start the cool-down."""
+    raw = read_table(project_dir / data.raw_path)
+    examples = new_labelled_examples(labelled_log, raw, data)
+    decision = should_retrain(summary, len(examples), last_trigger_time(read_state(state_path)), now, params)
+    if not decision.retrain:
+        return decision, None
+    appended = append_feedback(project_dir, Path(data.raw_path), examples, data, params.feedback_group_value)
+    record_trigger(state_path, now, decision.reasons, appended.md5)
+    return decision, appended
+
+
+def model_identity(model_uri: str | None, adapter_dir: Path | None) -> tuple[str, Predictor]:
+    """A cache identity and a predictor for a registered model URI or a local adapter folder."""
+    if adapter_dir is not None:
+        weights = sorted(adapter_dir.glob("*.safetensors")) or sorted(adapter_dir.glob("*.bin"))
+        if not weights:
+            raise FileNotFoundError(f"{adapter_dir} holds no adapter weights (*.safetensors / *.bin)")
+        return f"adapter:{file_md5(weights[0])}", adapter_predictor(adapter_dir)
+    if not model_uri:
+        raise ValueError("give a registered model URI or a local adapter folder")
+    return model_uri, registry_predictor(model_uri)
+
+
+def window_model_uri(window: pd.DataFrame, model_name: str, alias: str = "prod") -> str:
+    """The registered version that answered the window's newest rows, else the alias."""
+    if "model_version" in window.columns and window["model_version"].notna().any():
+        newest = latest_version_rows(window)
+        name = str(newest["model_name"].iloc[-1]) if "model_name" in newest.columns else model_name
+        return f"models:/{name}/{newest['model_version'].iloc[-1]}"
+    return f"models:/{model_name}@{alias}"
+
+
+def run_monitor(
+    window: pd.DataFrame,
+    labelled_log: pd.DataFrame,
+    reference: Reference,
+    env: Environment,
+    params_path: Path,
+    *,
+    append: bool = True,
+    log_mlflow: bool = True,
+    now: datetime | None = None,
+) -> MonitorOutcome:
+    """The whole step for inputs already loaded: drift, MLflow, latest.json, decision, feedback append."""
+    params = load_params(params_path)
+    now = now or datetime.now(UTC)
+    result = evaluate_window(window, reference, params.data.labels, params.monitoring)
+    run_id = None
+    if log_mlflow:
+        run_id = log_to_mlflow(result, env, {"model_version": str(result.summary.get("model_version", ""))})
+        result.summary["mlflow_run_id"] = run_id
+    write_latest(result.summary, monitoring_dir(env.home_dir) / "latest.json")
+    state_path = monitoring_dir(env.home_dir) / "state.json"
+    if append:
+        decision, appended = decide_and_append(
+            result.summary, labelled_log, env.project_dir, params.data, params.monitoring, state_path, now
+        )
+    else:
+        raw = read_table(env.project_dir / params.data.raw_path)
+        examples = new_labelled_examples(labelled_log, raw, params.data)
+        decision = should_retrain(
+            result.summary, len(examples), last_trigger_time(read_state(state_path)), now, params.monitoring
+        )
+        appended = None
+    log.info(
+        "drift decision: %s (%s)",
+        "retrain" if decision.retrain else "no retrain",
+        "; ".join(decision.reasons),
+    )
+    return MonitorOutcome(result.summary, decision, run_id, appended)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One drift check from the command line (the Prefect flow ``monitor-drift`` is the scheduled way)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared-dir", default="data/prepared")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter-dir", type=Path, help="a local adapter folder instead of the registry")
+    source.add_argument("--model-uri", help="default: models:/<registry.model_name>/<version in the window>")
+    parser.add_argument("--no-append", action="store_true", help="decide, but never touch the raw data")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    env = Environment.from_env()
+    params = load_params(args.params)
+    db_url = inference_log_url(env.home_dir)
+    window = read_log(db_url, last_n=params.monitoring.window_size)
+    labelled_log = read_log(
+        db_url, since=last_trigger_time(read_state(monitoring_dir(env.home_dir) / "state.json"))
+    )
+    model_uri = args.model_uri or window_model_uri(window, params.registry.model_name)
+    model_id, predictor = model_identity(None if args.adapter_dir else model_uri, args.adapter_dir)
+    reference = build_reference(
+        predictor,
+        Path(args.prepared_dir),
+        params.monitoring,
+        model_id,
+        monitoring_dir(env.home_dir) / "reference",
+    )
+    outcome = run_monitor(window, labelled_log, reference, env, Path(args.params), append=not args.no_append)
+    print(json.dumps(outcome.as_dict()["decision"]))
+
+
+if __name__ == "__main__":
+    main()
