@@ -185,6 +185,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Register prefect.yaml's deployments (and their work pool) against PREFECT_API_URL."""
+    from flows.deploy import deploy
+
+    env = Environment.from_env()
+    pool = deploy(env.project_dir, load_params(env.project_dir / args.params).orchestration)
+    print(f"deployments registered on work pool {pool!r}; run them with `tuneloop worker`")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Re-queue runs a dead worker left behind, then become a Prefect process worker on the pool."""
+    from flows.deploy import start_worker
+
+    env = Environment.from_env()
+    start_worker(load_params(env.project_dir / args.params).orchestration, name=args.name)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flows.stack import up, up_in_background
+
+    env = Environment.from_env()
+    if args.background:
+        return up_in_background(env)
+    # The model servers need `tuneloop serve`; without it the rest of the stack still starts.
+    return up(env, serve_available="cmd_serve" in globals())
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from flows.stack import down
+
+    return down(Environment.from_env())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneloop", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (relative to the project)")
@@ -219,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: 8000 for prod, 8001 for dev")
     serve.set_defaults(handler=cmd_serve)
+
+    deploy = commands.add_parser("deploy", help="register prefect.yaml's deployments on the work pool")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    worker = commands.add_parser("worker", help="run the deployments: a Prefect process worker on the pool")
+    worker.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    worker.set_defaults(handler=cmd_worker)
+
+    up = commands.add_parser("up", help="start MLflow, Prefect, a worker and the model servers; Ctrl-C stops")
+    up.add_argument("--background", action="store_true", help="detach; stop with `tuneloop down`")
+    up.set_defaults(handler=cmd_up)
+
+    down = commands.add_parser("down", help="stop a stack started with `tuneloop up --background`")
+    down.set_defaults(handler=cmd_down)
 
     status = commands.add_parser("status", help="which version each alias points to, metrics, approval")
     status.set_defaults(handler=cmd_status)

@@ -1,0 +1,68 @@
+"""`tuneloop deploy` and `tuneloop worker`: prefect.yaml's deployments on a process work pool.
+
+`deploy` creates what the deployments need on the Prefect server (the process work pool, the
+training concurrency limit), then runs `prefect deploy --all` in the project, the same command a
+user would type. `worker` first puts back in the queue the runs a killed worker left behind, then
+becomes a `prefect worker start` process on the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect.client.orchestration import get_client
+
+from flows.admin import (
+    WORK_POOL_ENV,
+    ensure_concurrency_limit,
+    ensure_work_pool,
+    reschedule_orphaned_runs,
+    work_pool_name,
+)
+from pipelines.config import OrchestrationParams
+
+log = logging.getLogger(__name__)
+
+PREFECT_YAML = "prefect.yaml"
+
+
+def prefect_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefect", *args]
+
+
+def declared_deployments(project_dir: Path) -> list[dict]:
+    """The deployments prefect.yaml declares, each with its flow's name resolved from the entrypoint."""
+    config = yaml.safe_load((project_dir / PREFECT_YAML).read_text(encoding="utf-8"))
+    return list(config.get("deployments") or [])
+
+
+def deploy(project_dir: Path, settings: OrchestrationParams) -> str:
+    """Register prefect.yaml's deployments against PREFECT_API_URL; returns the work pool name."""
+    pool = work_pool_name(settings)
+    with get_client(sync_client=True) as client:
+        if ensure_work_pool(client, pool):
+            log.info("created process work pool %r", pool)
+        ensure_concurrency_limit(client, settings.concurrency_limit, settings.max_concurrent_trainings)
+    env = {**os.environ, WORK_POOL_ENV: pool}
+    subprocess.run(prefect_command("--no-prompt", "deploy", "--all"), cwd=project_dir, env=env, check=True)
+    return pool
+
+
+def start_worker(settings: OrchestrationParams, name: str | None = None) -> None:
+    """Reschedule runs orphaned by a dead worker, then replace this process with a process worker."""
+    pool = work_pool_name(settings)
+    with get_client(sync_client=True) as client:
+        ensure_work_pool(client, pool)
+        reschedule_orphaned_runs(client, pool)
+    args = prefect_command("worker", "start", "--pool", pool, "--type", "process")
+    if name:
+        args += ["--name", name]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child: signals (Ctrl-C, SIGTERM from a supervisor) reach the worker itself.
+    os.execv(sys.executable, args)

@@ -1,0 +1,281 @@
+"""`tuneloop up` / `tuneloop down`: the whole local stack for a newcomer, started and stopped together.
+
+MLflow (UI + registry on SQLite, artifacts in TUNELOOP_HOME), the Prefect server (UI), the
+deployments, a worker, and the dev and prod model servers. Each runs as its own process group with its
+log in `$TUNELOOP_HOME/logs/`; Ctrl-C (or `tuneloop down` for a stack started with `--background`)
+stops them in reverse order, politely first. A process manager such as honcho would do the same
+with a Procfile, but would be one more dependency for ~100 lines, and could not wait for each
+server's health before starting what needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from pipelines.config import DEFAULT_GATEWAY_PORTS, Environment
+
+PID_FILE = "stack.pid"
+STOP_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """Where each service listens; TUNELOOP_MLFLOW_PORT and TUNELOOP_PREFECT_PORT override the defaults."""
+
+    mlflow: int = 5000
+    prefect: int = 4200
+    gateways: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GATEWAY_PORTS))
+
+    @classmethod
+    def from_env(cls) -> StackPorts:
+        return cls(
+            mlflow=int(os.environ.get("TUNELOOP_MLFLOW_PORT", 5000)),
+            prefect=int(os.environ.get("TUNELOOP_PREFECT_PORT", 4200)),
+        )
+
+
+@dataclass
+class Service:
+    name: str
+    args: list[str]
+    health_url: str | None = None
+    process: subprocess.Popen | None = None
+
+
+def _tuneloop(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def stack_environment(env: Environment, ports: StackPorts) -> dict[str, str]:
+    """What every service and flow run sees: the stack's MLflow and Prefect servers, the same home."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TUNELOOP_HOME": str(env.home_dir),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports.mlflow}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
+        "PREFECT_HOME": str(env.home_dir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+def services(env: Environment, ports: StackPorts, serve_available: bool) -> list[Service]:
+    home = env.home_dir
+    listed = [
+        Service(
+            "mlflow",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{home / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(home / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports.mlflow),
+            ],
+            f"http://127.0.0.1:{ports.mlflow}/health",
+        ),
+        Service(
+            "prefect",
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports.prefect),
+            ],
+            f"http://127.0.0.1:{ports.prefect}/api/health",
+        ),
+        Service("worker", _tuneloop("worker", "--name", "tuneloop-up")),
+    ]
+    if serve_available:
+        for alias, port in ports.gateways.items():
+            listed.append(Service(f"serve-{alias}", _tuneloop("serve", "--env", alias, "--port", str(port))))
+    return listed
+
+
+def _wait_healthy(service: Service, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with {service.process.returncode} while starting")
+        try:
+            if httpx.get(service.health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{service.name} did not answer {service.health_url} within {seconds:.0f} s")
+
+
+def _start(service: Service, environ: dict[str, str], cwd: Path, logs: Path) -> None:
+    log_file = open(logs / f"{service.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
+    # Own process group: Ctrl-C reaches only this supervisor, which stops the services in order.
+    service.process = subprocess.Popen(
+        service.args, cwd=cwd, env=environ, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(service: Service) -> None:
+    process = service.process
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def up(env: Environment, serve_available: bool) -> int:
+    """Start the stack, print where everything is, and stop it all on Ctrl-C or SIGTERM."""
+    ports = StackPorts.from_env()
+    logs = env.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pid_path = env.home_dir / PID_FILE
+    if pid_path.exists() and _alive(int(pid_path.read_text())):
+        print(f"a stack is already running (pid {pid_path.read_text().strip()}): `tuneloop down` first")
+        return 1
+    pid_path.write_text(str(os.getpid()))
+    environ = stack_environment(env, ports)
+    started: list[Service] = []
+    stopping = False
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        for service in services(env, ports, serve_available):
+            _start(service, environ, env.project_dir, logs)
+            started.append(service)
+            print(
+                f"started {service.name} (pid {service.process.pid}), log {logs / service.name}.log",
+                flush=True,
+            )
+            if service.health_url:
+                _wait_healthy(service, 120)
+            if service.name == "prefect":
+                with open(logs / "deploy.log", "ab") as deploy_log:
+                    deployed = subprocess.run(
+                        _tuneloop("deploy"),
+                        cwd=env.project_dir,
+                        env=environ,
+                        stdout=deploy_log,
+                        stderr=subprocess.STDOUT,
+                    )
+                print(
+                    "deployments "
+                    + ("registered" if deployed.returncode == 0 else f"FAILED: see {logs}/deploy.log")
+                )
+        if not serve_available:
+            print("`tuneloop serve` is not available in this version: no model servers started")
+        print(
+            "\ntuneloop is up:\n"
+            f"  MLflow UI      http://127.0.0.1:{ports.mlflow}\n"
+            f"  Prefect UI     http://127.0.0.1:{ports.prefect}\n"
+            + "".join(
+                f"  {alias:<14} http://127.0.0.1:{port}\n"
+                for alias, port in ports.gateways.items()
+                if serve_available
+            )
+            + f"  logs           {logs}\n"
+            "Use it from another shell with:\n"
+            f"  export MLFLOW_TRACKING_URI={environ['MLFLOW_TRACKING_URI']}\n"
+            f"  export PREFECT_API_URL={environ['PREFECT_API_URL']}\n"
+            "Ctrl-C (or `tuneloop down`) stops everything.",
+            flush=True,
+        )
+        while True:
+            for service in started:
+                if service.process.poll() is not None and service.name in {"mlflow", "prefect"}:
+                    print(f"{service.name} exited with {service.process.returncode}: stopping the stack")
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        for service in reversed(started):
+            _stop(service)
+            print(f"stopped {service.name}", flush=True)
+        pid_path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def up_in_background(env: Environment) -> int:
+    """`tuneloop up --background`: the same supervisor, detached, logging to $TUNELOOP_HOME/logs/up.log."""
+    logs = env.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "up.log", "ab") as log_file:
+        process = subprocess.Popen(
+            _tuneloop("up"),
+            cwd=env.project_dir,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    ports = StackPorts.from_env()
+    for url in (f"http://127.0.0.1:{ports.mlflow}/health", f"http://127.0.0.1:{ports.prefect}/api/health"):
+        service = Service("stack", [], url, process)
+        try:
+            _wait_healthy(service, 180)
+        except (RuntimeError, TimeoutError) as error:
+            print(f"{error}; see {logs / 'up.log'}", file=sys.stderr)
+            return 1
+    print(f"tuneloop is up in the background (pid {process.pid}), log {logs / 'up.log'}; stop: tuneloop down")
+    return 0
+
+
+def down(env: Environment) -> int:
+    """Stop a stack started with `tuneloop up --background` (SIGTERM to its supervisor, then wait)."""
+    pid_path = env.home_dir / PID_FILE
+    if not pid_path.exists():
+        print(f"no stack is running (no {pid_path})")
+        return 0
+    pid = int(pid_path.read_text())
+    if not _alive(pid):
+        pid_path.unlink()
+        print(f"the stack (pid {pid}) was not running; removed its stale pid file")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S * 6
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _alive(pid):
+        print(f"the stack (pid {pid}) did not stop in time", file=sys.stderr)
+        return 1
+    print("stopped")
+    return 0
