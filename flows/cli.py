@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve ``<model>@<env>`` at a stable address and follow the alias with zero-downtime swaps."""
     import uvicorn
 
-    from serving.gateway import create_app
+    from serving.gateway import create_gateway
     from serving.routing import BackendPool
     from serving.supervisor import AliasSupervisor, model_server_launcher, registry_version_resolver
 
@@ -175,9 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_server_launcher(env.tracking_uri, name, env.home_dir / "serving" / args.env, settings),
         settings,
     )
-    app = create_app(
-        pool, supervisor, default_top_k=settings.default_top_k, upstream_timeout_s=settings.request_timeout_s
-    )
+    app = create_gateway(pool, supervisor, params, env)
     port = args.port or DEFAULT_GATEWAY_PORTS[args.env]
     logging.getLogger("httpx").setLevel(logging.WARNING)
     print(f"Serving {name}@{args.env} at http://{args.host}:{port}; server logs: {env.home_dir}/serving")

@@ -33,7 +33,8 @@ from typing import Literal
 
 import anyio
 import jwt
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from filelock import FileLock
 
 from pipelines.config import Environment
@@ -273,7 +274,9 @@ class Authenticator:
             raise ValueError("an Authenticator needs an API key file, JWT settings, or both")
 
     async def authenticate(self, request: Request) -> Principal:
-        credential, kind = _presented_credential(request)
+        return await self._authenticate(*_presented_credential(request))
+
+    async def _authenticate(self, credential: str | None, kind: str) -> Principal:
         if credential is None:
             raise _unauthorized(
                 f"credentials required: 'Authorization: Bearer <API key or token>' or '{API_KEY_HEADER}'",
@@ -297,8 +300,17 @@ class Authenticator:
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
 
-        async def dependency(request: Request) -> Principal:
-            principal = await self.authenticate(request)
+        # The security schemes make OpenAPI (and the /docs "Authorize" button) show both ways in;
+        # auto_error=False because the refusal, with its challenge, is ours to write.
+        async def dependency(
+            request: Request,
+            api_key: str | None = _API_KEY_PARAM,
+            bearer: HTTPAuthorizationCredentials | None = _BEARER_PARAM,
+        ) -> Principal:
+            if api_key:
+                principal = await self._authenticate(api_key.strip(), "api_key")
+            else:
+                principal = await self._authenticate(bearer.credentials.strip() if bearer else None, "bearer")
             if not principal.allows(scope):
                 held = sorted(principal.scopes)
                 challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"'
@@ -311,6 +323,12 @@ class Authenticator:
             return principal
 
         return dependency
+
+
+_api_key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="An API key (tlk_...)")
+_bearer_scheme = HTTPBearer(auto_error=False, description="An API key or an OAuth2 access token (JWT)")
+_API_KEY_PARAM = Security(_api_key_scheme)
+_BEARER_PARAM = Security(_bearer_scheme)
 
 
 def _presented_credential(request: Request) -> tuple[str | None, str]:

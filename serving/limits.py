@@ -36,21 +36,26 @@ class Refusal(Exception):
         super().__init__(detail)
         self.status, self.error, self.detail, self.headers, self.extra = status, error, detail, headers, extra
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
         body = {"error": self.error, "detail": self.detail} | self.extra
+        request_id = getattr(request.state, "request_id", None) if request is not None else None
+        if request_id is not None:
+            body["request_id"] = request_id
+        if request is not None:
+            request.state.refusal = self.error
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-async def refusal_handler(_: Request, refusal: Refusal) -> JSONResponse:
-    return refusal.response()
+async def refusal_handler(request: Request, refusal: Refusal) -> JSONResponse:
+    return refusal.response(request)
 
 
-async def validation_error_handler(_: Request, error: RequestValidationError) -> JSONResponse:
+async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's own validation errors, in the refusal format and without echoing the input."""
     refusal = Refusal(
         422, "invalid_request", "the request does not match the schema", problems=_problems(error.errors())
     )
-    return refusal.response()
+    return refusal.response(request)
 
 
 async def unexpected_error_handler(request: Request, _: Exception) -> JSONResponse:
@@ -168,13 +173,19 @@ def _too_large(max_bytes: int) -> Refusal:
     return Refusal(413, "body_too_large", f"the body is larger than {max_bytes} bytes")
 
 
-async def read_json_model(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
-    """Read, check and validate a JSON body into ``model`` (415, 413, 400 invalid UTF-8/JSON, 422)."""
-    text = await read_body(request, max_bytes)
+def parse_json(text: str) -> Any:
+    """JSON text to Python, or a 400 that says why (malformed, or nested deeper than the parser goes)."""
     try:
-        payload = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise Refusal(400, "invalid_json", f"the body is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise Refusal(400, "invalid_json", "the body is nested too deeply") from error
+
+
+async def read_json_model(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
+    """Read, check and validate a JSON body into ``model`` (415, 413, 400 invalid UTF-8/JSON, 422)."""
+    payload = parse_json(await read_body(request, max_bytes))
     try:
         return model.model_validate(payload)
     except ValidationError as error:
@@ -199,6 +210,16 @@ class TextLimits:
                 422, "batch_too_large", f"{len(texts)} texts in one request; at most {self.max_batch_size}"
             )
         for index, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                # JSON escapes can spell lone surrogates ("\\ud800") that no UTF-8 text contains.
+                raise Refusal(
+                    400,
+                    "invalid_utf8",
+                    f"text {index} is not valid Unicode (lone surrogate)",
+                    item_index=index,
+                ) from error
             if len(text) > self.max_text_chars:
                 raise Refusal(
                     422,

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from serving.auth import create_api_key
 from serving.inference import LABELS_FILE
 from serving.model_server import free_port
 from serving.pyfunc_model import log_intent_model
@@ -75,6 +76,8 @@ def gateway(registry, tmp_path_factory):
         poll_interval_s=0.5, drain_timeout_s=15, start_timeout_s=180, retry_failed_after_s=900
     )
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    # The gateway refuses anonymous calls: one admin key (predict and /v1/status) for these tests.
+    api_key = create_api_key(registry["home"] / "api_keys.json", "serving-test", ["admin"])
     port = free_port()
     env = venv_env(
         MLFLOW_TRACKING_URI=registry["uri"], TUNELOOP_HOME=str(registry["home"]), HF_HUB_OFFLINE="1"
@@ -90,7 +93,14 @@ def gateway(registry, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/readyz", process, 240)
-        yield {"url": url, "process": process, "project": project, "env": env, "log": project / "gateway.log"}
+        yield {
+            "url": url,
+            "process": process,
+            "project": project,
+            "env": env,
+            "log": project / "gateway.log",
+            "headers": {"X-API-Key": api_key},
+        }
     finally:
         if process.poll() is None:
             process.terminate()
@@ -111,8 +121,8 @@ class Answer:
 class RequestStream:
     """Steady traffic through the stable address from a few threads, every answer recorded."""
 
-    def __init__(self, url: str, texts: list[str], rate_per_s: float, threads: int) -> None:
-        self.url, self.texts = url, texts
+    def __init__(self, url: str, texts: list[str], rate_per_s: float, threads: int, headers: dict) -> None:
+        self.url, self.texts, self.headers = url, texts, headers
         self.interval = threads / rate_per_s
         self.answers: list[Answer] = []
         self._stop = threading.Event()
@@ -121,7 +131,7 @@ class RequestStream:
 
     def _send(self, offset: int) -> None:
         count = offset
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=self.headers) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
                 index = count % len(self.texts)
@@ -155,7 +165,7 @@ class RequestStream:
 
 
 def served_status(gateway) -> dict:
-    return httpx.get(f"{gateway['url']}/v1/status", timeout=10).json()
+    return httpx.get(f"{gateway['url']}/v1/status", headers=gateway["headers"], timeout=10).json()
 
 
 def wait_until(condition, seconds: float, what: str) -> None:
@@ -169,7 +179,10 @@ def wait_until(condition, seconds: float, what: str) -> None:
 
 def test_the_stable_address_serves_the_prod_version_with_top_k(gateway, registry):
     response = httpx.post(
-        f"{gateway['url']}/v1/predict", json={"texts": registry["texts"][:3], "top_k": 2}, timeout=30
+        f"{gateway['url']}/v1/predict",
+        json={"texts": registry["texts"][:3], "top_k": 2},
+        headers=gateway["headers"],
+        timeout=30,
     )
     assert response.status_code == 200, response.text
     body = response.json()
@@ -183,20 +196,27 @@ def test_the_stable_address_serves_the_prod_version_with_top_k(gateway, registry
 
 
 def test_bad_requests_get_a_4xx_that_says_what_is_wrong(gateway):
-    both = httpx.post(f"{gateway['url']}/v1/predict", json={"text": "a", "texts": ["b"]}, timeout=10)
+    auth = {"headers": gateway["headers"], "timeout": 10}
+    both = httpx.post(f"{gateway['url']}/v1/predict", json={"text": "a", "texts": ["b"]}, **auth)
     assert both.status_code == 422 and "exactly one of `text`" in both.text
-    wrong_type = httpx.post(f"{gateway['url']}/v1/predict", json={"texts": "not a list"}, timeout=10)
+    wrong_type = httpx.post(f"{gateway['url']}/v1/predict", json={"texts": "not a list"}, **auth)
     assert wrong_type.status_code == 422 and "texts" in wrong_type.text
-    mlflow_protocol = httpx.post(f"{gateway['url']}/invocations", json={"inputs": {"txt": ["x"]}}, timeout=10)
+    mlflow_protocol = httpx.post(f"{gateway['url']}/invocations", json={"inputs": {"txt": ["x"]}}, **auth)
     assert mlflow_protocol.status_code == 400
 
 
 def test_alias_move_under_steady_traffic_loses_no_request(gateway, registry):
     baseline = httpx.post(
-        f"{gateway['url']}/v1/predict", json={"texts": registry["texts"]}, timeout=30
+        f"{gateway['url']}/v1/predict",
+        json={"texts": registry["texts"]},
+        headers=gateway["headers"],
+        timeout=30,
     ).json()
     v1_labels = [p["label"] for p in baseline["predictions"]]
-    with RequestStream(gateway["url"], registry["texts"], STREAM_RATE_PER_S, STREAM_THREADS) as stream:
+    stream = RequestStream(
+        gateway["url"], registry["texts"], STREAM_RATE_PER_S, STREAM_THREADS, gateway["headers"]
+    )
+    with stream:
         time.sleep(3)
         moved_at = time.monotonic()
         registry["client"].set_registered_model_alias(NAME, "prod", "2")
@@ -224,7 +244,7 @@ def test_alias_move_under_steady_traffic_loses_no_request(gateway, registry):
 
 
 def test_a_version_that_cannot_start_leaves_the_old_one_serving(gateway, registry):
-    with RequestStream(gateway["url"], registry["texts"], 20, 2) as stream:
+    with RequestStream(gateway["url"], registry["texts"], 20, 2, gateway["headers"]) as stream:
         registry["client"].set_registered_model_alias(NAME, "prod", "3")
         wait_until(
             lambda: any(s["to_version"] == "3" and s["error"] for s in served_status(gateway)["swaps"]),
