@@ -362,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create-key", help="create a key and print it (shown only this once)")
     create.add_argument("--name", required=True, help="who or what uses the key")
-    create.add_argument("--scopes", default="predict", help=f"comma-separated, from {','.join(SCOPES)}")
+    create.add_argument(
+        "--scopes",
+        nargs="+",
+        default=["predict"],
+        help=f"from {', '.join(SCOPES)} (spaces or commas between)",
+    )
     commands.add_parser("list-keys", help="key ids, names, scopes (no secrets)")
     revoke = commands.add_parser("revoke-key", help="refuse a key from now on")
     revoke.add_argument("key_id")
@@ -371,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.keys_file or Environment.from_env().api_keys_path
     if args.command == "create-key":
         try:
-            key = create_api_key(path, args.name, args.scopes.split(","))
+            key = create_api_key(path, args.name, ",".join(args.scopes).split(","))
         except ValueError as error:
             parser.error(str(error))
         sys.stdout.write(f"{key}\n")

@@ -229,6 +229,13 @@ def test_cli_prints_the_key_once_and_it_works(keys_path: Path, capsys: pytest.Ca
     key = capsys.readouterr().out.strip()
     principal = ApiKeyStore(keys_path).verify(key)
     assert principal.scopes == {"predict", "feedback"}
+    assert (
+        main(
+            ["--keys-file", str(keys_path), "create-key", "--name", "sim", "--scopes", "predict", "feedback"]
+        )
+        == 0
+    )
+    assert ApiKeyStore(keys_path).verify(capsys.readouterr().out.strip()).scopes == {"predict", "feedback"}
     main(["--keys-file", str(keys_path), "list-keys"])
     listed = capsys.readouterr().out
     assert key not in listed and principal.subject in listed
