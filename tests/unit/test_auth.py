@@ -11,7 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
 from pipelines.config import Environment
@@ -239,3 +239,55 @@ def test_cli_prints_the_key_once_and_it_works(keys_path: Path, capsys: pytest.Ca
     main(["--keys-file", str(keys_path), "list-keys"])
     listed = capsys.readouterr().out
     assert key not in listed and principal.subject in listed
+
+
+def test_jwt_verified_against_the_issuers_jwks_endpoint(rsa_keys: tuple[str, str]) -> None:
+    """The usual IdP setup: the gateway fetches the signing key by `kid` from a JWKS URL (served locally)."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from starlette.requests import Request
+
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(load_pem_public_key(rsa_keys[1].encode())))
+    jwks = json.dumps({"keys": [jwk | {"kid": "key-1", "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Jwks(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        auth = Authenticator(
+            jwt_verifier=JwtVerifier(JwtSettings(issuer=ISSUER, audience=AUDIENCE, jwks_url=url))
+        )
+        now = dt.datetime.now(dt.UTC)
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "svc",
+            "exp": now + dt.timedelta(minutes=5),
+            "scope": "admin",
+        }
+        good = jwt.encode(claims, rsa_keys[0], algorithm="RS256", headers={"kid": "key-1"})
+        unknown_kid = jwt.encode(claims, rsa_keys[0], algorithm="RS256", headers={"kid": "key-2"})
+
+        def request(token: str) -> Request:
+            return Request({"type": "http", "headers": [(b"authorization", f"Bearer {token}".encode())]})
+
+        principal = asyncio.run(auth.authenticate(request(good)))
+        assert principal.subject == "svc" and principal.allows("predict")
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(auth.authenticate(request(unknown_kid)))
+        assert refused.value.status_code == 401 and "signing key" in refused.value.detail
+    finally:
+        server.shutdown()
