@@ -120,6 +120,7 @@ class FeedbackRecord:
     created_at: dt.datetime
 
 
+MASKING_FAILED = "<MASKING_FAILED>"
 LogItem = tuple[PredictionRecord, ...] | tuple[FeedbackRecord, ...]
 _STOP = object()
 
@@ -302,7 +303,7 @@ class InferenceLogWriter:
                     items.append(nxt)
                     rows += len(nxt)
             if items:
-                self._write(items)
+                self._write_or_count(items)
         # Anything queued behind the stop marker (a producer racing the shutdown) is written too.
         leftovers = []
         while True:
@@ -312,7 +313,17 @@ class InferenceLogWriter:
                 break
         leftovers = [item for item in leftovers if item is not _STOP]
         if leftovers:
-            self._write(leftovers)
+            self._write_or_count(leftovers)
+
+    def _write_or_count(self, items: list[tuple]) -> None:
+        """Write; a bug in building rows must not kill the writer thread, so it is counted and logged."""
+        try:
+            self._write(items)
+        except Exception:
+            rows = sum(len(item) for item in items)
+            with self._counts_lock:
+                self.failed_rows += rows
+            log.exception("inference log: could not write %d rows", rows)
 
     def _write(self, items: list[tuple]) -> None:
         prediction_rows, feedback_rows = [], []
@@ -356,6 +367,15 @@ class InferenceLogWriter:
                 time.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
 
+    def _masked(self, text: str) -> str:
+        # The row is kept (its label, score and version still count for drift) but an unmasked text
+        # never reaches the database.
+        try:
+            return self.masker.mask(text)
+        except Exception:  # any masking bug
+            log.exception("PII masking failed; the text is stored as %s", MASKING_FAILED)
+            return MASKING_FAILED
+
     def _prediction_row(self, record: PredictionRecord) -> dict:
         return {
             "request_id": record.request_id,
@@ -363,7 +383,7 @@ class InferenceLogWriter:
             "created_at": _to_db_time(record.created_at, self._engine),
             "model_name": record.model_name,
             "model_version": record.model_version,
-            "text": self.masker.mask(record.text),
+            "text": self._masked(record.text),
             "label": record.label,
             "score": float(record.score),
             "latency_ms": float(record.latency_ms),

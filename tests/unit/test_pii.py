@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK, PiiMasker, mask_pii
@@ -65,3 +67,13 @@ def test_several_kinds_in_one_text() -> None:
 def test_phone_region_decides_national_numbers() -> None:
     # A German national number is a phone number for a German deployment.
     assert PiiMasker(phone_region="DE").mask("ruf 030 901820 an") == f"ruf {PHONE_MASK} an"
+
+
+def test_masking_never_raises_on_arbitrary_text() -> None:
+    """The log writer masks whatever clients send: random mixes of digits, separators and scripts."""
+    rng = random.Random(7)
+    alphabet = "0123456789 +-()./@_ abcXYZ\u00e9\u0434\u4e2d\U0001f600\u200b\n"
+    masker = PiiMasker()
+    for _ in range(2_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        assert isinstance(masker.mask(text), str)
