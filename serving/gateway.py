@@ -369,7 +369,6 @@ def create_app(
     @app.post(
         "/v1/feedback",
         response_model=FeedbackResponse,
-        status_code=202,
         dependencies=[Depends(feedback_caller)],
         openapi_extra={"requestBody": {"required": True, **feedback_schema}},
     )
