@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
@@ -28,17 +29,22 @@ STOP_GRACE_S = 15.0
 
 @dataclass(frozen=True)
 class StackPorts:
-    """Where each service listens; TUNELOOP_MLFLOW_PORT and TUNELOOP_PREFECT_PORT override the defaults."""
+    """Where each service listens: TUNELOOP_MLFLOW_PORT, TUNELOOP_PREFECT_PORT, TUNELOOP_<ENV>_URL."""
 
     mlflow: int = 5000
     prefect: int = 4200
     gateways: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GATEWAY_PORTS))
 
     @classmethod
-    def from_env(cls) -> StackPorts:
+    def from_env(cls, env: Environment) -> StackPorts:
+        """Model servers listen where TUNELOOP_DEV_URL / TUNELOOP_PROD_URL say the gateways are."""
         return cls(
             mlflow=int(os.environ.get("TUNELOOP_MLFLOW_PORT", 5000)),
             prefect=int(os.environ.get("TUNELOOP_PREFECT_PORT", 4200)),
+            gateways={
+                alias: urlparse(url).port or DEFAULT_GATEWAY_PORTS[alias]
+                for alias, url in env.gateway_urls.items()
+            },
         )
 
 
@@ -149,7 +155,7 @@ def _stop(service: Service) -> None:
 
 def up(env: Environment, serve_available: bool) -> int:
     """Start the stack, print where everything is, and stop it all on Ctrl-C or SIGTERM."""
-    ports = StackPorts.from_env()
+    ports = StackPorts.from_env(env)
     logs = env.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pid_path = env.home_dir / PID_FILE
@@ -247,7 +253,7 @@ def up_in_background(env: Environment) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    ports = StackPorts.from_env()
+    ports = StackPorts.from_env(env)
     for url in (f"http://127.0.0.1:{ports.mlflow}/health", f"http://127.0.0.1:{ports.prefect}/api/health"):
         service = Service("stack", [], url, process)
         try:
