@@ -95,7 +95,9 @@ def keys(tmp_path: Path) -> dict:
     }
 
 
-def make_gateway(model_server, keys: dict, db_url: str, **settings) -> tuple[TestClient, InferenceLogWriter]:
+def make_gateway(
+    model_server, keys: dict, db_url: str, drift_home: Path | None = None, **settings
+) -> tuple[TestClient, InferenceLogWriter]:
     pool = BackendPool(NAME, "prod")
     pool.switch(Backend("1", model_server.url))
     authenticator = Authenticator(
@@ -113,6 +115,7 @@ def make_gateway(model_server, keys: dict, db_url: str, **settings) -> tuple[Tes
         settings=GatewayParams(
             **({"max_text_chars": 200, "max_batch_size": 8, "max_body_bytes": 20_000} | settings)
         ),
+        drift_home=drift_home,
     )
     return TestClient(app, raise_server_exceptions=False), writer
 
@@ -368,6 +371,31 @@ def test_feedback_joins_the_logged_prediction(model_server, keys, db_url) -> Non
         "tuneloop_predictions_total{",
     ):
         assert name in metrics, name
+
+
+def test_metrics_export_the_drift_jobs_latest_result(model_server, keys, db_url, tmp_path) -> None:
+    """The drift job (another process) writes its summary; the gateway's /metrics reads it at scrape time."""
+    from pipelines.monitor import monitoring_dir, write_latest
+
+    client, _ = make_gateway(model_server, keys, db_url, drift_home=tmp_path)
+    admin = {"X-API-Key": keys["admin"]}
+    with client:
+        assert "tuneloop_drift_detected" not in client.get("/metrics", headers=admin).text
+        summary = {
+            "data_drift": {
+                "detected": True,
+                "signals": {"text": {"score": 0.81, "method": "roc_auc", "drifted": True}},
+            },
+            "concept_drift": None,
+            "n_current": 250,
+            "n_labelled": 0,
+            "finished_at": "2026-11-23T07:00:00+00:00",
+        }
+        write_latest(summary, monitoring_dir(tmp_path) / "latest.json")
+        metrics = client.get("/metrics", headers=admin).text
+    assert 'tuneloop_drift_detected{kind="data"} 1.0' in metrics
+    assert 'tuneloop_drift_score{method="roc_auc",signal="text"} 0.81' in metrics
+    assert 'tuneloop_drift_window_rows{kind="predictions"} 250.0' in metrics
 
 
 @pytest.fixture()
