@@ -10,6 +10,7 @@ server's health before starting what needs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,9 @@ import httpx
 from pipelines.config import DEFAULT_GATEWAY_PORTS, Environment
 
 PID_FILE = "stack.pid"
+READY_LINE = "tuneloop is up:"
+# Without these two nothing else works: their exit stops the stack.
+CORE_SERVICES = {"mlflow", "prefect"}
 STOP_GRACE_S = 15.0
 
 
@@ -158,6 +162,7 @@ def up(env: Environment, serve_available: bool) -> int:
     ports = StackPorts.from_env(env)
     logs = env.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
     pid_path = env.home_dir / PID_FILE
     if pid_path.exists() and _alive(int(pid_path.read_text())):
         print(f"a stack is already running (pid {pid_path.read_text().strip()}): `tuneloop down` first")
@@ -165,13 +170,11 @@ def up(env: Environment, serve_available: bool) -> int:
     pid_path.write_text(str(os.getpid()))
     environ = stack_environment(env, ports)
     started: list[Service] = []
-    stopping = False
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
+    # `tuneloop down` sends SIGTERM: stop the same way as on Ctrl-C.
     signal.signal(signal.SIGTERM, request_stop)
     try:
         for service in services(env, ports, serve_available):
@@ -199,7 +202,7 @@ def up(env: Environment, serve_available: bool) -> int:
         if not serve_available:
             print("`tuneloop serve` is not available in this version: no model servers started")
         print(
-            "\ntuneloop is up:\n"
+            f"\n{READY_LINE}\n"
             f"  MLflow UI      http://127.0.0.1:{ports.mlflow}\n"
             f"  Prefect UI     http://127.0.0.1:{ports.prefect}\n"
             + "".join(
@@ -214,16 +217,25 @@ def up(env: Environment, serve_available: bool) -> int:
             "Ctrl-C (or `tuneloop down`) stops everything.",
             flush=True,
         )
+        reported: set[str] = set()
         while True:
             for service in started:
-                if service.process.poll() is not None and service.name in {"mlflow", "prefect"}:
-                    print(f"{service.name} exited with {service.process.returncode}: stopping the stack")
+                code = service.process.poll()
+                if code is None or service.name in reported:
+                    continue
+                if service.name in CORE_SERVICES:
+                    print(f"{service.name} exited with {code}: stopping the stack", flush=True)
                     return 1
+                reported.add(service.name)
+                print(f"{service.name} exited with {code}: see {logs / service.name}.log", flush=True)
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for service in reversed(started):
             _stop(service)
             print(f"stopped {service.name}", flush=True)
@@ -240,11 +252,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up_in_background(env: Environment) -> int:
-    """`tuneloop up --background`: the same supervisor, detached, logging to $TUNELOOP_HOME/logs/up.log."""
+def up_in_background(env: Environment, seconds: float = 300) -> int:
+    """`tuneloop up --background`: the same supervisor, detached, logging to $TUNELOOP_HOME/logs/up.log.
+
+    Returns once the stack printed that it is up (or failed), showing the same URLs.
+    """
     logs = env.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "up.log", "ab") as log_file:
+    log_path = logs / "up.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             _tuneloop("up"),
             cwd=env.project_dir,
@@ -253,16 +270,26 @@ def up_in_background(env: Environment) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    ports = StackPorts.from_env(env)
-    for url in (f"http://127.0.0.1:{ports.mlflow}/health", f"http://127.0.0.1:{ports.prefect}/api/health"):
-        service = Service("stack", [], url, process)
-        try:
-            _wait_healthy(service, 180)
-        except (RuntimeError, TimeoutError) as error:
-            print(f"{error}; see {logs / 'up.log'}", file=sys.stderr)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with open(log_path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            output = handle.read()
+        if READY_LINE in output:
+            print(
+                output[output.index(READY_LINE) :].replace("Ctrl-C (or `tuneloop down`)", "`tuneloop down`")
+            )
+            print(f"running in the background (pid {process.pid}), log {log_path}")
+            return 0
+        if process.poll() is not None:
+            print(output, file=sys.stderr)
+            print(
+                f"the stack exited with {process.returncode} while starting; log {log_path}", file=sys.stderr
+            )
             return 1
-    print(f"tuneloop is up in the background (pid {process.pid}), log {logs / 'up.log'}; stop: tuneloop down")
-    return 0
+        time.sleep(0.5)
+    print(f"the stack did not come up within {seconds:.0f} s; see {log_path}; `tuneloop down` stops it")
+    return 1
 
 
 def down(env: Environment) -> int:

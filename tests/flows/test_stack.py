@@ -1,0 +1,56 @@
+"""`tuneloop up --background` starts the whole local stack, `tuneloop down` stops every process of it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import httpx
+import psutil
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.flows.conftest import VENV_BIN
+from tests.flows.test_deployments import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_in_the_background_then_down(flow_project, module_env, monkeypatch):
+    ports = {name: free_port() for name in ("mlflow", "prefect", "dev", "prod")}
+    monkeypatch.setenv("TUNELOOP_MLFLOW_PORT", str(ports["mlflow"]))
+    monkeypatch.setenv("TUNELOOP_PREFECT_PORT", str(ports["prefect"]))
+    monkeypatch.setenv("TUNELOOP_DEV_URL", f"http://127.0.0.1:{ports['dev']}")
+    monkeypatch.setenv("TUNELOOP_PROD_URL", f"http://127.0.0.1:{ports['prod']}")
+    monkeypatch.setenv("TUNELOOP_WORK_POOL", "stack-test-pool")
+    home = module_env / "home"
+
+    up = subprocess.run(
+        [str(VENV_BIN / "tuneloop"), "up", "--background"], cwd=flow_project, capture_output=True, text=True
+    )
+    log = (home / "logs" / "up.log").read_text()
+    pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) \(pid (\d+)\)", log)}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr + log
+        assert f"MLflow UI      http://127.0.0.1:{ports['mlflow']}" in up.stdout
+        assert f"Prefect UI     http://127.0.0.1:{ports['prefect']}" in up.stdout
+        assert set(pids) == {"mlflow", "prefect", "worker", "serve-dev", "serve-prod"}
+        assert "deployments registered" in log
+        assert httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=5).status_code == 200
+        api = f"http://127.0.0.1:{ports['prefect']}/api"
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            names = {d.name for d in client.read_deployments()}
+            pool = client.read_work_pool("stack-test-pool")
+        assert {"nightly", "poll"} <= names and pool.type == "process"
+        assert all(psutil.pid_exists(pid) for pid in pids.values()), log
+    finally:
+        down = subprocess.run(
+            [str(VENV_BIN / "tuneloop"), "down"], cwd=flow_project, capture_output=True, text=True
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids.values() if psutil.pid_exists(p)], 10)
+    assert not alive, f"still running after down: {alive}"
+    assert not (home / "stack.pid").exists()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=2)
