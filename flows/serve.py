@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron, Interval, Schedule
 
@@ -30,6 +31,26 @@ def schedule_of(spec: dict) -> Schedule:
     if "interval" in spec:
         return Interval(spec["interval"], timezone=spec.get("timezone"))
     raise ValueError(f"prefect.yaml schedule {spec} has neither `cron` nor `interval`")
+
+
+def drop_work_pool_deployments(client, deployments: list) -> None:
+    """Delete same-named deployments that `tuneloop deploy` put on a work pool.
+
+    Served over one of them, a deployment keeps its old pull steps and its runs fail to load their code.
+    """
+    for deployment in deployments:
+        try:
+            existing = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+        except ObjectNotFound:
+            continue
+        if existing.work_pool_name:
+            log.warning(
+                "replacing deployment %s/%s of work pool %r with a served one",
+                deployment.flow_name,
+                deployment.name,
+                existing.work_pool_name,
+            )
+            client.delete_deployment(existing.id)
 
 
 def runner_deployments(project_dir: Path) -> list:
@@ -56,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     project_dir = Path(args.project_dir).resolve()
     settings = load_params(project_dir / args.params).orchestration
+    deployments = runner_deployments(project_dir)
     with get_client(sync_client=True) as client:
         ensure_concurrency_limit(client, settings.concurrency_limit, settings.max_concurrent_trainings)
-    serve(*runner_deployments(project_dir))
+        drop_work_pool_deployments(client, deployments)
+    serve(*deployments)
 
 
 if __name__ == "__main__":
