@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
 
 from flows.admin import (
     WORK_POOL_ENV,
@@ -36,13 +37,29 @@ def prefect_command(*args: str) -> list[str]:
 
 
 def declared_deployments(project_dir: Path) -> list[dict]:
-    """The deployments prefect.yaml declares, each with its flow's name resolved from the entrypoint."""
+    """The deployments prefect.yaml declares (name, entrypoint, schedules, parameters, ...)."""
     config = yaml.safe_load((project_dir / PREFECT_YAML).read_text(encoding="utf-8"))
     return list(config.get("deployments") or [])
 
 
+def require_prefect_server() -> str:
+    """PREFECT_API_URL (from the environment or the Prefect profile); a clear error when unset.
+
+    Without it Prefect would start a temporary server that dies with this process: deployments
+    registered there, or a worker polling it, would be lost.
+    """
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise SystemExit(
+            "PREFECT_API_URL is not set: start a server (`prefect server start`, or `tuneloop up`) and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url
+
+
 def deploy(project_dir: Path, settings: OrchestrationParams) -> str:
     """Register prefect.yaml's deployments against PREFECT_API_URL; returns the work pool name."""
+    require_prefect_server()
     pool = work_pool_name(settings)
     with get_client(sync_client=True) as client:
         if ensure_work_pool(client, pool):
@@ -55,6 +72,7 @@ def deploy(project_dir: Path, settings: OrchestrationParams) -> str:
 
 def start_worker(settings: OrchestrationParams, name: str | None = None) -> None:
     """Reschedule runs orphaned by a dead worker, then replace this process with a process worker."""
+    require_prefect_server()
     pool = work_pool_name(settings)
     with get_client(sync_client=True) as client:
         ensure_work_pool(client, pool)
