@@ -248,6 +248,9 @@ def continuous_training(
             stages[stage] = stage_task(project, stage, limit)
         push_outputs.with_options(**io_retries)(project)
         registration = register.with_options(**io_retries)(project)
+        # Read inside the slot: the next queued run rewrites these files as soon as it gets it.
+        metrics = read_json(env.project_dir / METRICS_DIR / "evaluate.json")
+        gates = read_json(env.project_dir / METRICS_DIR / "gates.json")
 
     summary = {
         "reason": reason,
@@ -258,8 +261,6 @@ def continuous_training(
         "registration": registration,
         "duration_s": time.monotonic() - started,
     }
-    metrics = read_json(env.project_dir / METRICS_DIR / "evaluate.json")
-    gates = read_json(env.project_dir / METRICS_DIR / "gates.json")
     use_experiment(env)
     run = MlflowClient().get_run(registration["run_id"])
     link = mlflow_run_link(env.tracking_uri, run.info.experiment_id, run.info.run_id)
