@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,9 +112,7 @@ def _register_homogeneity_test() -> None:
 
 
 def with_oov(frame: pd.DataFrame, vocabulary: Counter, *, in_vocabulary_texts: bool) -> pd.DataFrame:
-    frame = frame[[TEXT, PREDICTED]].copy()
-    frame[TEXT] = frame[TEXT].astype(str)
-    frame[PREDICTED] = frame[PREDICTED].astype(str)
+    frame = frame[[TEXT]].astype(str)
     frame[OOV_SHARE] = oov_shares(frame[TEXT].tolist(), vocabulary, in_vocabulary_texts=in_vocabulary_texts)
     return frame
 
@@ -129,39 +127,47 @@ class DriftResult:
 
     summary: dict[str, Any]
     data_report: Any
+    prediction_report: Any
     quality_report: Any | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def data_drift(
     reference: pd.DataFrame,
+    prediction_reference: pd.DataFrame,
     current: pd.DataFrame,
     vocabulary: Counter,
     params: MonitoringParams,
     alpha: float,
-) -> tuple[dict[str, Any], Any]:
-    """Evidently report of text, descriptor and predicted-label drift; per-signal flags at level ``alpha``.
+) -> tuple[dict[str, Any], Any, Any]:
+    """Evidently reports of text, descriptor and predicted-label drift; per-signal flags at level ``alpha``.
 
     The text column is tested with Evidently's domain classifier (TF-IDF + logistic regression, ROC
     AUC on a held-out half); descriptors with two-sample Kolmogorov-Smirnov; predicted labels with a
     chi-square test of homogeneity.
+
+    Text and descriptors are compared with ``reference`` (training texts). Predicted labels are
+    compared with ``prediction_reference``, the model's predictions on held-out texts: on its own
+    training texts a model is right far more often than on anything new, so their predicted-label
+    distribution is the true one, while live predictions carry the model's usual errors. Measured
+    with the tiny test model: 12 false alarms in 20 stable windows against training predictions.
+
+    Returns:
+        The summary, the text snapshot and the prediction snapshot (Evidently ``Snapshot``s).
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.descriptors import NonLetterCharacterPercentage, TextLength
     from evidently.metrics import ValueDrift
 
     _register_homogeneity_test()
-    definition = DataDefinition(
-        text_columns=[TEXT], categorical_columns=[PREDICTED], numerical_columns=[OOV_SHARE]
-    )
+    text_definition = DataDefinition(text_columns=[TEXT], numerical_columns=[OOV_SHARE])
     descriptors = [
         TextLength(TEXT, alias=TEXT_LENGTH),
         NonLetterCharacterPercentage(TEXT, alias=NON_LETTER_SHARE),
     ]
-    datasets = [
+    text_sets = [
         Dataset.from_pandas(
             with_oov(frame, vocabulary, in_vocabulary_texts=is_reference),
-            data_definition=definition,
+            data_definition=text_definition,
             descriptors=descriptors,
         )
         for frame, is_reference in ((current, False), (reference, True))
@@ -170,31 +176,48 @@ def data_drift(
         text_threshold = 1 - alpha
     else:
         text_threshold = params.text_auc_threshold
-    methods = {
+    text_methods = {
         TEXT: (params.text_method, text_threshold),
         TEXT_LENGTH: ("ks", alpha),
         NON_LETTER_SHARE: ("ks", alpha),
         OOV_SHARE: ("ks", alpha),
-        PREDICTED: (HOMOGENEITY_TEST, alpha),
     }
-    metrics = [
-        ValueDrift(column=column, method=method, threshold=threshold)
-        for column, (method, threshold) in methods.items()
-    ]
-    snapshot = Report(metrics, include_tests=True).run(datasets[0], datasets[1])
-    signals = _signals_from_snapshot(json.loads(snapshot.json()), methods)
-    current_frame, reference_frame = (dataset.as_dataframe() for dataset in datasets)
+    text_snapshot = Report(
+        [
+            ValueDrift(column=column, method=method, threshold=threshold)
+            for column, (method, threshold) in text_methods.items()
+        ],
+        include_tests=True,
+    ).run(text_sets[0], text_sets[1])
+    prediction_methods = {PREDICTED: (HOMOGENEITY_TEST, alpha)}
+    label_definition = DataDefinition(categorical_columns=[PREDICTED])
+    prediction_snapshot = Report(
+        [ValueDrift(column=PREDICTED, method=HOMOGENEITY_TEST, threshold=alpha)], include_tests=True
+    ).run(
+        *(
+            Dataset.from_pandas(frame[[PREDICTED]].astype(str), data_definition=label_definition)
+            for frame in (current, prediction_reference)
+        )
+    )
+    signals = {
+        **_signals_from_snapshot(json.loads(text_snapshot.json()), text_methods),
+        **_signals_from_snapshot(json.loads(prediction_snapshot.json()), prediction_methods),
+    }
+    current_frame, reference_frame = (dataset.as_dataframe() for dataset in text_sets)
     for column in (TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE):
         signals[column]["reference_mean"] = float(reference_frame[column].mean())
         signals[column]["current_mean"] = float(current_frame[column].mean())
-    signals[PREDICTED]["total_variation"] = total_variation(reference[PREDICTED], current[PREDICTED])
-    drifted = [name for name, signal in signals.items() if signal["drifted"]]
-    return {
+    signals[PREDICTED]["total_variation"] = total_variation(
+        prediction_reference[PREDICTED], current[PREDICTED]
+    )
+    drifted = [name for name in DATA_SIGNALS if signals[name]["drifted"]]
+    summary = {
         "detected": bool(drifted),
         "drifted_signals": drifted,
         "share_drifted": len(drifted) / len(signals),
-        "signals": signals,
-    }, snapshot
+        "signals": {name: signals[name] for name in DATA_SIGNALS},
+    }
+    return summary, text_snapshot, prediction_snapshot
 
 
 def _signals_from_snapshot(snapshot: dict, methods: dict[str, tuple[str, float]]) -> dict[str, dict]:
@@ -401,19 +424,23 @@ def detect_drift(
     vocabulary: Counter,
     labels: Sequence[str],
     params: MonitoringParams,
+    quality_html: bool = True,
 ) -> DriftResult:
     """Data drift of ``current`` against ``reference``; concept drift when it has enough feedback.
 
     Args:
-        reference: training texts with the model's predictions (``text``, ``label``).
-        quality_reference: labelled held-out texts with the model's predictions (``true_label``, ``label``).
+        reference: training texts (``text``) for text and descriptor drift.
+        quality_reference: labelled held-out texts with the model's predictions (``true_label``,
+            ``label``): the reference quality and the reference predicted-label distribution.
         current: a window of the inference log (``text``, ``label``, ``true_label`` or None).
         vocabulary: document frequencies of the training words (``document_frequencies``).
         labels: the model's label set.
         params: thresholds and budgets from ``params.yaml``.
+        quality_html: also build Evidently's classification report of the feedback (for people; the
+            flags do not depend on it).
     """
     for name, frame, needed in (
-        ("reference", reference, {TEXT, PREDICTED}),
+        ("reference", reference, {TEXT}),
         ("quality reference", quality_reference, {TRUE_LABEL, PREDICTED}),
         ("current window", current, {TEXT, PREDICTED}),
     ):
@@ -431,7 +458,9 @@ def detect_drift(
     with_quality = len(labelled) >= params.min_labelled_for_quality
     n_tests = window_test_count(with_quality)
     alpha = params.false_alarm_rate / n_tests
-    data, data_snapshot = data_drift(reference, current, vocabulary, params, alpha)
+    data, data_snapshot, prediction_snapshot = data_drift(
+        reference, quality_reference, current, vocabulary, params, alpha
+    )
     summary: dict[str, Any] = {
         "n_reference": len(reference),
         "n_current": len(current),
@@ -445,11 +474,17 @@ def detect_drift(
     quality_snapshot = None
     if with_quality:
         summary["concept_drift"] = concept_drift(quality_reference, labelled, labels, params, alpha)
-        quality_snapshot = quality_report(quality_reference, labelled, labels)
+        if quality_html:
+            quality_snapshot = quality_report(quality_reference, labelled, labels)
     summary["drift_detected"] = data["detected"] or bool(
         summary["concept_drift"] and summary["concept_drift"]["detected"]
     )
-    return DriftResult(summary=_finite(summary), data_report=data_snapshot, quality_report=quality_snapshot)
+    return DriftResult(
+        summary=_finite(summary),
+        data_report=data_snapshot,
+        prediction_report=prediction_snapshot,
+        quality_report=quality_snapshot,
+    )
 
 
 def _finite(value: Any) -> Any:

@@ -74,8 +74,10 @@ def latest_version_rows(window: pd.DataFrame) -> pd.DataFrame:
 class Reference:
     """What a window is compared with, for one model version.
 
-    ``frame``: a seeded sample of the train split with the model's predictions (data drift).
-    ``quality``: a labelled held-out split with the model's predictions (concept drift).
+    ``frame``: a seeded sample of the train split (text and descriptor drift), with the model's
+    predictions kept for the record.
+    ``quality``: a labelled held-out split with the model's predictions: the reference quality
+    (concept drift) and the reference predicted-label distribution (see ``evaluation.drift.data_drift``).
     ``vocabulary``: document frequencies of the whole train split (out-of-vocabulary share).
     """
 
@@ -324,8 +326,12 @@ def log_to_mlflow(result: DriftResult, env: Environment, tags: dict[str, str]) -
     with mlflow.start_run(run_name="drift", tags=tags) as run, tempfile.TemporaryDirectory() as folder:
         mlflow.log_metrics(flat_metrics(result.summary))
         mlflow.log_dict(result.summary, "drift/summary.json")
-        result.data_report.save_html(str(Path(folder) / "data_drift.html"))
-        mlflow.log_artifact(str(Path(folder) / "data_drift.html"), "drift")
+        for name, report in (
+            ("text_drift", result.data_report),
+            ("prediction_drift", result.prediction_report),
+        ):
+            report.save_html(str(Path(folder) / f"{name}.html"))
+            mlflow.log_artifact(str(Path(folder) / f"{name}.html"), "drift")
         if result.quality_report is not None:
             result.quality_report.save_html(str(Path(folder) / "quality.html"))
             mlflow.log_artifact(str(Path(folder) / "quality.html"), "drift")
@@ -458,11 +464,17 @@ class MonitorOutcome:
 
 
 def evaluate_window(
-    window: pd.DataFrame, reference: Reference, labels: Sequence[str], params: MonitoringParams
+    window: pd.DataFrame,
+    reference: Reference,
+    labels: Sequence[str],
+    params: MonitoringParams,
+    quality_html: bool = True,
 ) -> DriftResult:
     """Drift of one window against a reference; the summary says which model and data it concerns."""
     window = latest_version_rows(window)
-    result = detect_drift(reference.frame, reference.quality, window, reference.vocabulary, labels, params)
+    result = detect_drift(
+        reference.frame, reference.quality, window, reference.vocabulary, labels, params, quality_html
+    )
     for column in ("model_name", "model_version"):
         if column in window.columns and len(window):
             result.summary[column] = str(window[column].iloc[-1])
