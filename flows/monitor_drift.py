@@ -8,7 +8,7 @@ Deployed hourly as ``monitor-drift/hourly`` (``prefect.yaml``).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,8 @@ def read_window(db_url: str, last_n: int) -> pd.DataFrame:
 
 
 @task(cache_policy=NO_CACHE)
-def read_labelled_since_last_trigger(db_url: str, state_path: str) -> pd.DataFrame:
-    since = monitor.last_trigger_time(monitor.read_state(Path(state_path)))
-    rows = monitor.read_log(db_url, since=since)
-    return rows[rows["true_label"].notna()]
+def read_recent_feedback(db_url: str, lookback_hours: float) -> pd.DataFrame:
+    return monitor.labelled_rows(db_url, datetime.now(UTC) - timedelta(hours=lookback_hours))
 
 
 @task(cache_policy=NO_CACHE)
@@ -128,7 +126,6 @@ def monitor_drift(
     env = Environment.from_env()
     params = load_params(params_path)
     db_url = monitor.inference_log_url(env.home_dir)
-    state_path = monitor.monitoring_dir(env.home_dir) / "state.json"
     window = read_window(db_url, params.monitoring.window_size)
     if len(monitor.latest_version_rows(window)) < params.monitoring.min_window_size:
         logger.info(
@@ -137,7 +134,7 @@ def monitor_drift(
             params.monitoring.min_window_size,
         )
         return {"skipped": "not enough traffic", "n_current": len(window)}
-    labelled = read_labelled_since_last_trigger(db_url, str(state_path))
+    labelled = read_recent_feedback(db_url, params.monitoring.feedback_lookback_hours)
     reference = build_reference(window, params_path, prepared_dir, str(env.home_dir), model_uri, adapter_dir)
     outcome = check_drift(window, labelled, reference, env, params_path, append)
     decision = outcome.decision

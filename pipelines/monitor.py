@@ -54,6 +54,12 @@ def read_log(db_url: str, *, last_n: int | None = None, since: datetime | None =
     return read_window(db_url, last_n=last_n, since=since)
 
 
+def labelled_rows(db_url: str, since: datetime) -> pd.DataFrame:
+    """Predictions made since ``since`` that have feedback: the candidates for the next data version."""
+    rows = read_log(db_url, since=since)
+    return rows[rows[TRUE_LABEL].notna()].reset_index(drop=True)
+
+
 def latest_version_rows(window: pd.DataFrame) -> pd.DataFrame:
     """The rows answered by the newest model version in the window.
 
@@ -582,9 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     db_url = inference_log_url(env.home_dir)
     window = read_log(db_url, last_n=params.monitoring.window_size)
-    labelled_log = read_log(
-        db_url, since=last_trigger_time(read_state(monitoring_dir(env.home_dir) / "state.json"))
-    )
+    lookback = timedelta(hours=params.monitoring.feedback_lookback_hours)
+    labelled_log = labelled_rows(db_url, datetime.now(UTC) - lookback)
     model_uri = args.model_uri or window_model_uri(window, params.registry.model_name)
     model_id, predictor = model_identity(None if args.adapter_dir else model_uri, args.adapter_dir)
     reference = build_reference(

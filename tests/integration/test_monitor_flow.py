@@ -1,0 +1,150 @@
+"""The `monitor-drift` flow end to end on a real Prefect server, a real inference log and DVC.
+
+Drifted, labelled traffic (predicted by the tiny adapter) goes through the gateway's log writer;
+the flow detects drift, appends the feedback as a new DVC data version (pushed to the remote),
+logs to MLflow, writes the Prometheus summary, publishes the alert artifact, and starts a run of
+the `continuous-training/nightly` deployment. A second run right after is held by the cool-down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import Environment, ModelParams, TrainParams, load_params
+from pipelines.datastore import init_project, tracked_md5
+from pipelines.monitor import MONITORING_EXPERIMENT, adapter_predictor, inference_log_url
+from pipelines.prepare import prepare, write_prepared
+from pipelines.train import train
+from tests.conftest import REPO_ROOT
+
+RAW_POINTER = "data/raw/intents.csv.dvc"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def configure(project: Path) -> None:
+    """Small windows, a quick bootstrap, and data drift allowed to retrain (the tiny model is near chance)."""
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["monitoring"].update(
+        window_size=200, bootstrap_samples=200, retrain_on_data_drift=True, min_labelled_examples=50
+    )
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def log_drifted_traffic(db_url: str, adapter: Path, drifted: pd.DataFrame, first_id: int) -> None:
+    from serving.inference_log import FeedbackRecord, InferenceLogWriter, PredictionRecord
+
+    predicted = adapter_predictor(adapter)(drifted["text"].tolist())
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    writer = InferenceLogWriter(db_url).start()
+    records = [
+        PredictionRecord(
+            f"req-{first_id + i}",
+            0,
+            start + dt.timedelta(seconds=i),
+            "tuneloop-intent",
+            "3",
+            text,
+            label,
+            score,
+            4.0,
+        )
+        for i, (text, label, score) in enumerate(
+            zip(drifted["text"], predicted["label"], predicted["score"], strict=True)
+        )
+    ]
+    assert writer.submit(records)
+    assert writer.submit(
+        [
+            FeedbackRecord(r.request_id, 0, intent, r.created_at)
+            for r, intent in zip(records, drifted["intent"], strict=True)
+        ]
+    )
+    writer.close()
+
+
+@pytest.mark.slow
+def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project, tiny_base, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.continuous_training import continuous_training
+    from flows.monitor_drift import ALERT_ARTIFACT_KEY, monitor_drift
+
+    configure(project)
+    params = load_params(project / "params.yaml")
+    env = Environment.from_env(project)
+    init_project(project, project / "data/sample/intents.csv", Path(params.data.raw_path), env.dvc_remote_url)
+    md5_before = tracked_md5(project / RAW_POINTER)
+    raw_rows_before = len(pd.read_csv(project / params.data.raw_path))
+    prepared = project / "data/prepared"
+    write_prepared(
+        prepare(project / params.data.raw_path, params.data, params.prepare),
+        project / params.data.raw_path,
+        prepared,
+    )
+    adapter = project / "models/adapter"
+    train(
+        pd.read_parquet(prepared / "train.parquet"),
+        pd.read_parquet(prepared / "val.parquet"),
+        params.data.labels,
+        ModelParams(base=str(tiny_base)),
+        TrainParams(epochs=1, batch_size=64, max_length=32, device="cpu"),
+        adapter,
+    )
+    drifted = pd.read_csv(REPO_ROOT / "data/sample/drifted.csv").sample(frac=1, random_state=0)
+    log_drifted_traffic(inference_log_url(env.home_dir), adapter, drifted.iloc[:200], first_id=0)
+    continuous_training.to_deployment(name="nightly").apply()
+
+    result = monitor_drift(adapter_dir=str(adapter))
+
+    assert result["summary"]["data_drift"]["detected"]
+    assert result["summary"]["model_version"] == "3"
+    assert result["decision"]["retrain"], result["decision"]["reasons"]
+    appended = result["appended"]
+    raw_after = pd.read_csv(project / params.data.raw_path)
+    assert appended["rows_added"] > 50 and len(raw_after) == raw_rows_before + appended["rows_added"]
+    assert set(raw_after["channel"].iloc[raw_rows_before:]) == {params.monitoring.feedback_group_value}
+    md5_after = tracked_md5(project / RAW_POINTER)
+    assert md5_after == appended["md5"] != md5_before
+    assert (Path(env.dvc_remote_url) / "files/md5" / md5_after[:2] / md5_after[2:]).exists()
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(result["training_flow_run_id"])
+        assert run.parameters == {"reason": "drift", "data_rev": None}
+        alerts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ALERT_ARTIFACT_KEY]))
+        )
+        assert alerts and "Drift alert" in alerts[0].data
+
+    latest = json.loads((env.home_dir / "monitoring/latest.json").read_text())
+    assert latest["mlflow_run_id"] == result["mlflow_run_id"]
+    mlflow.set_tracking_uri(env.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(MONITORING_EXPERIMENT)
+    logged = {item.path for item in client.list_artifacts(result["mlflow_run_id"], "drift")}
+    assert {"drift/text_drift.html", "drift/prediction_drift.html", "drift/summary.json"} <= logged
+    assert client.get_run(result["mlflow_run_id"]).info.experiment_id == experiment.experiment_id
+
+    # New labelled traffic right after the trigger: enough to retrain, but inside the cool-down.
+    log_drifted_traffic(inference_log_url(env.home_dir), adapter, drifted.iloc[200:], first_id=200)
+    again = monitor_drift(adapter_dir=str(adapter))
+    assert not again["decision"]["retrain"] and again["appended"] is None
+    assert "cool-down" in again["decision"]["reasons"][-1]
+    assert "training_flow_run_id" not in again
+    assert tracked_md5(project / RAW_POINTER) == md5_after
