@@ -160,21 +160,6 @@ class ServingParams(_Frozen):
     default_top_k: int = Field(3, ge=1)
 
 
-class OrchestrationParams(_Frozen):
-    """Prefect: work pool, one-training-at-a-time limit, timeouts and retries of the flow tasks."""
-
-    # Default pool name; TUNELOOP_WORK_POOL overrides it (see flows/deploy.py).
-    work_pool: str = "tuneloop"
-    concurrency_limit: str = "continuous-training"
-    max_concurrent_trainings: int = Field(1, ge=1)
-    # Prefect renews a held slot while its run lives; a dead run's slot frees this long after (min 60 s).
-    slot_lease_s: float = Field(60.0, ge=60)
-    train_timeout_s: float = Field(14400.0, gt=0)
-    stage_timeout_s: float = Field(3600.0, gt=0)
-    io_retries: int = Field(3, ge=0)
-    io_retry_delays_s: tuple[float, ...] = Field((10.0, 30.0, 90.0), min_length=1)
-
-
 class MonitoringParams(_Frozen):
     """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
 
@@ -200,6 +185,21 @@ class MonitoringParams(_Frozen):
     feedback_group_value: str = "unknown"
 
 
+class OrchestrationParams(_Frozen):
+    """Prefect: work pool, one-training-at-a-time limit, timeouts and retries of the flow tasks."""
+
+    # Default pool name; TUNELOOP_WORK_POOL overrides it (see flows/deploy.py).
+    work_pool: str = "tuneloop"
+    concurrency_limit: str = "continuous-training"
+    max_concurrent_trainings: int = Field(1, ge=1)
+    # Prefect renews a held slot while its run lives; a dead run's slot frees this long after (min 60 s).
+    slot_lease_s: float = Field(60.0, ge=60)
+    train_timeout_s: float = Field(14400.0, gt=0)
+    stage_timeout_s: float = Field(3600.0, gt=0)
+    io_retries: int = Field(3, ge=0)
+    io_retry_delays_s: tuple[float, ...] = Field((10.0, 30.0, 90.0), min_length=1)
+
+
 class Params(_Frozen):
     data: DataParams
     prepare: PrepareParams = PrepareParams()
@@ -211,8 +211,8 @@ class Params(_Frozen):
     registry: RegistryParams = RegistryParams()
     gateway: GatewayParams = GatewayParams()
     serving: ServingParams = ServingParams()
-    orchestration: OrchestrationParams = OrchestrationParams()
     monitoring: MonitoringParams = MonitoringParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
