@@ -107,6 +107,7 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
         TrainParams(epochs=1, batch_size=64, max_length=32, device="cpu"),
         adapter,
     )
+    assert monitor_drift(adapter_dir=str(adapter)) == {"skipped": "not enough traffic", "n_current": 0}
     drifted = pd.read_csv(REPO_ROOT / "data/sample/drifted.csv").sample(frac=1, random_state=0)
     log_drifted_traffic(inference_log_url(env.home_dir), adapter, drifted.iloc[:200], first_id=0)
     continuous_training.to_deployment(name="nightly").apply()
