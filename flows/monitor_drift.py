@@ -63,9 +63,14 @@ def check_drift(
     return monitor.run_monitor(window, labelled, reference, env, Path(params_path), append=append)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 90])
 def trigger_training(reasons: list[str]) -> str:
-    """Start the training deployment and return its flow-run id (``timeout=0``: do not wait)."""
+    """Start the training deployment and return its flow-run id (``timeout=0``: do not wait).
+
+    Retried: by now the feedback is appended and the cool-down started. Should every attempt fail,
+    the flow run fails (visible in Prefect) and the appended data version still reaches the next
+    scheduled training, which trains on the work tree.
+    """
     from prefect.deployments import run_deployment
 
     run = run_deployment(TRAINING_DEPLOYMENT, parameters={"reason": "drift", "data_rev": None}, timeout=0)
