@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
@@ -210,6 +216,11 @@ def test_deploy_registers_the_deployments_with_their_schedules_and_a_triggered_r
         assert all(s.active for s in deployment.schedules)
     assert deployments[TRAINING].parameters == {"reason": "schedule"}
     assert limit.limit == 1 and limit.active
+    # A 02:00 UTC training or the hourly drift check must not interleave with the runs counted below.
+    with get_client(sync_client=True) as client:
+        for name, deployment in deployments.items():
+            if name != PROMOTION:
+                client.pause_deployment(deployment.id)
 
     started = time.monotonic()
     flow_run = run_deployment(TRAINING, parameters={"reason": "manual"}, timeout=RUN_TIMEOUT_S)
@@ -230,16 +241,34 @@ def test_an_approval_set_through_the_mlflow_rest_api_is_promoted_to_prod_by_the_
     )
     assert answer.status_code == 200, answer.text
 
-    flow_run = run_deployment(PROMOTION, timeout=RUN_TIMEOUT_S)
+    approved_at = datetime.now(UTC)
 
-    assert flow_run.state.is_completed(), flow_run.state.message
-    assert flow_run.state.result()["promoted"] is True
+    # Nobody runs anything: the next scheduled poll (every two minutes) must find the approval.
+    deadline = time.monotonic() + 150 + RUN_TIMEOUT_S
+    with get_client(sync_client=True) as prefect:
+        poll = prefect.read_deployment_by_name(PROMOTION)
+        while time.monotonic() < deadline:
+            scheduled = prefect.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[poll.id]))
+            )
+            after = [r for r in scheduled if r.auto_scheduled and r.start_time and r.start_time > approved_at]
+            done = sorted((r for r in after if r.state.is_final()), key=lambda r: r.start_time)
+            if done:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("no scheduled promote-to-prod/poll run started after the approval")
+    waited = (datetime.now(UTC) - approved_at).total_seconds()
+    print(f"approval reached prod through the scheduled poll {waited:.0f} s after it was set")
+    assert done[0].state.is_completed(), done[0].state.message
+    assert done[0].state.result()["promoted"] is True
     client = registry()
     assert str(client.get_model_version_by_alias("tuneloop-intent", "prod").version) == "1"
     audit = [json.loads(line) for line in (module_env / "home" / AUDIT_FILE).read_text().splitlines()]
-    assert audit[-1]["action"] == "promote" and audit[-1]["to_version"] == "1"
-    assert audit[-1]["alias"] == "prod" and audit[-1]["actor"] == "prefect:promote-to-prod"
-    assert json.loads(client.get_registered_model("tuneloop-intent").tags["audit.last"]) == audit[-1]
+    assert len(audit) == 1, audit
+    assert audit[0]["action"] == "promote" and audit[0]["to_version"] == "1"
+    assert audit[0]["alias"] == "prod" and audit[0]["actor"] == "prefect:promote-to-prod"
+    assert json.loads(client.get_registered_model("tuneloop-intent").tags["audit.last"]) == audit[0]
 
     again = run_deployment(PROMOTION, timeout=RUN_TIMEOUT_S)
     assert again.state.is_completed() and again.state.result()["promoted"] is False
