@@ -69,17 +69,34 @@ class ModelServer:
         return ModelServerFailed(f"{where} {what}; last log lines:\n{tail}")
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the whole process group (uvicorn and its workers), SIGKILL after the grace period."""
-        if not self.alive():
+        """SIGTERM the whole process group (the CLI, uvicorn and its workers); SIGKILL what outlives grace.
+
+        Waiting for the group, not just the CLI we started, is what guarantees the port is free and no
+        worker is orphaned when this returns.
+        """
+        group = self.process.pid
+        if not _group_alive(group):
+            self.process.poll()
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=grace_s)
-        except ProcessLookupError:
-            pass
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _group_alive(group) and time.monotonic() < deadline:
+            self.process.poll()  # reap the CLI so its zombie does not keep the group "alive"
+            time.sleep(0.1)
+        if _group_alive(group):
+            log.warning("model server v%s ignored SIGTERM for %.0fs; killing it", self.version, grace_s)
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait(timeout=grace_s)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_model_server(
