@@ -183,6 +183,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate_traffic(args: argparse.Namespace) -> int:
+    """Drive a scenario's traffic and feedback through a gateway (see serving/simulate.py)."""
+    from serving.simulate import SCENARIOS, scenario_rows, simulate_traffic
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    api_key = os.environ.get("TUNELOOP_API_KEY")
+    if not api_key:
+        print(
+            "set TUNELOOP_API_KEY to a key with scopes predict and feedback: "
+            "python -m serving.auth create-key --name simulator --scopes predict feedback",
+            file=sys.stderr,
+        )
+        return 2
+    scenario = SCENARIOS[args.scenario]
+    rows = scenario_rows(
+        env.project_dir / scenario.source,
+        params.data.text_column,
+        params.data.label_column,
+        args.requests,
+        args.seed,
+    )
+    result = simulate_traffic(
+        args.url or env.gateway_urls[args.env],
+        api_key,
+        rows,
+        scenario=args.scenario,
+        feedback_share=scenario.feedback_share if args.feedback_share is None else args.feedback_share,
+        batch_size=args.batch_size,
+        rate_per_s=args.rate,
+        seed=args.seed,
+    )
+    print(result.summary())
+    return 0 if result.answered == result.requests else 1
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Register prefect.yaml's deployments (and their work pool) against PREFECT_API_URL."""
     from flows.deploy import deploy
@@ -252,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: 8000 for prod, 8001 for dev")
     serve.set_defaults(handler=cmd_serve)
+
+    simulate = commands.add_parser(
+        "simulate-traffic", help="send a scenario's traffic and feedback through the gateway"
+    )
+    simulate.add_argument("--scenario", choices=["stable", "data-drift", "concept-drift"], default="stable")
+    simulate.add_argument("--env", choices=sorted(DEFAULT_GATEWAY_PORTS), default="prod")
+    simulate.add_argument("--url", default=None, help="gateway URL (default: TUNELOOP_<ENV>_URL)")
+    simulate.add_argument("--requests", type=int, default=200, help="texts to send")
+    simulate.add_argument("--batch-size", type=int, default=1)
+    simulate.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    simulate.add_argument("--feedback-share", type=float, default=None, help="default: the scenario's")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.set_defaults(handler=cmd_simulate_traffic)
 
     deploy = commands.add_parser("deploy", help="register prefect.yaml's deployments on the work pool")
     deploy.set_defaults(handler=cmd_deploy)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from serving.auth import create_api_key
 from serving.inference import LABELS_FILE
+from serving.inference_log import read_window
 from serving.model_server import free_port
 from serving.pyfunc_model import log_intent_model
 from tests.conftest import (
@@ -273,6 +275,42 @@ def test_status_command_shows_what_the_server_serves(gateway):
     assert f"{NAME}@prod: v3" in result.stdout
     assert f"server prod at {gateway['url']}: serving v2" in result.stdout
     assert "server dev at http://127.0.0.1:9: not running" in result.stdout
+
+
+def test_simulated_concept_drift_traffic_lands_in_the_log_with_its_feedback(gateway):
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "tuneloop"),
+            "simulate-traffic",
+            "--scenario",
+            "concept-drift",
+            "--requests",
+            "40",
+            "--rate",
+            "20",
+            "--url",
+            gateway["url"],
+        ],
+        cwd=REPO_ROOT,
+        env={**gateway["env"], "TUNELOOP_API_KEY": gateway["headers"]["X-API-Key"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "concept-drift: 40 requests (40 texts), 40 answered" in result.stdout
+    assert "40 feedback" in result.stdout
+    drifted = pd.read_csv(REPO_ROOT / "data/sample/drifted.csv")
+    log_url = f"sqlite:///{gateway['env']['TUNELOOP_HOME']}/inference_log.db"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        window = read_window(log_url, last_n=40)
+        if window["true_label"].notna().sum() == 40:
+            break
+        time.sleep(0.5)
+    assert window["true_label"].notna().sum() == 40
+    assert set(window["true_label"]) <= set(drifted["intent"])
+    assert set(window["model_version"]) == {"2"}
 
 
 def test_shutdown_stops_the_model_server_too(gateway):
