@@ -107,6 +107,29 @@ def reversed_label_copy(adapter: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path):
+    """A SQLite registry in ``home`` where adapter i is version i+1 of ``name``, alias prod -> 1.
+
+    Returns the tracking URI and a client on it (the current process also points MLflow there).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from serving.pyfunc_model import log_intent_model
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment(f"{name}-runs", artifact_location=str(home / "artifacts"))
+    client = MlflowClient(uri, uri)
+    client.create_registered_model(name)
+    for adapter in adapters:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_intent_model(adapter, str(base))
+        client.create_model_version(name, info.model_uri, info.run_id)
+    client.set_registered_model_alias(name, "prod", "1")
+    return uri, client
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
@@ -127,10 +150,11 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture
-def project(tmp_path, tiny_base, monkeypatch) -> Path:
-    """A fresh git clone-like copy of the repo, configured for the tiny model and a fast run."""
-    root = tmp_path / "project"
+def copy_repo_as_project(root: Path, tiny_base: Path, adjust_params) -> Path:
+    """A git repo at ``root`` holding the tracked files (no data or outputs) and params for the tiny base.
+
+    ``adjust_params`` edits the parsed params.yaml in place before it is written and committed.
+    """
     for name in tracked_files():
         if name.startswith(("data/raw/", "metrics/", "plots/")) or name == "dvc.lock":
             continue
@@ -140,12 +164,24 @@ def project(tmp_path, tiny_base, monkeypatch) -> Path:
     params_path = root / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["model"]["base"] = str(tiny_base)
-    params["train"].update(epochs=2, learning_rate=0.005, batch_size=32)
-    params["evaluate"]["counterfactual"]["max_examples"] = 40
+    adjust_params(params)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     git(root, "init", "-q")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, tiny_base, monkeypatch) -> Path:
+    """A fresh git clone-like copy of the repo, configured for the tiny model and a fast run."""
+    root = tmp_path / "project"
+
+    def tiny_fast_run(params: dict) -> None:
+        params["train"].update(epochs=2, learning_rate=0.005, batch_size=32)
+        params["evaluate"]["counterfactual"]["max_examples"] = 40
+
+    copy_repo_as_project(root, tiny_base, tiny_fast_run)
     monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("TUNELOOP_DVC_REMOTE", str(tmp_path / "remote"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -33,6 +32,8 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from pipelines.promote import AUDIT_FILE
+from serving.model_server import free_port
+from tests.conftest import wait_for
 from tests.flows.conftest import VENV_BIN
 
 pytestmark = pytest.mark.slow
@@ -41,26 +42,6 @@ POOL = "tuneloop-test-pool"
 TRAINING = "continuous-training/nightly"
 PROMOTION = "promote-to-prod/poll"
 RUN_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
 def stop(process: subprocess.Popen) -> None:

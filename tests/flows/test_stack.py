@@ -11,8 +11,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from serving.model_server import free_port
 from tests.flows.conftest import VENV_BIN
-from tests.flows.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
 

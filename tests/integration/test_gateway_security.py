@@ -19,11 +19,9 @@ from pathlib import Path
 
 import httpx
 import jwt
-import mlflow
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from mlflow.tracking import MlflowClient
 
 from pipelines.config import GatewayParams, load_params
 from serving.auth import ApiKeyStore, Authenticator, JwtSettings, JwtVerifier, create_api_key
@@ -32,7 +30,14 @@ from serving.inference_log import InferenceLogWriter, read_window
 from serving.model_server import free_port, start_model_server, wait_until_ready
 from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK
 from serving.routing import Backend, BackendPool
-from tests.conftest import REPO_ROOT, train_tiny_adapter, two_label_slice, venv_env, wait_for
+from tests.conftest import (
+    REPO_ROOT,
+    sqlite_registry_with,
+    train_tiny_adapter,
+    two_label_slice,
+    venv_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,19 +57,9 @@ def registry(tmp_path_factory, tiny_base) -> dict:
     """Version 1 of a tiny two-intent model, alias prod -> 1, in a SQLite registry."""
     home = tmp_path_factory.mktemp("gateway-home")
     work = tmp_path_factory.mktemp("gateway-work")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
     frame = two_label_slice()
     adapter = train_tiny_adapter(frame, tiny_base, work / "adapter")
-    from serving.pyfunc_model import log_intent_model
-
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("gateway-test", artifact_location=str(home / "artifacts"))
-    client = MlflowClient(uri, uri)
-    client.create_registered_model(NAME)
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_intent_model(adapter, str(tiny_base))
-    client.create_model_version(NAME, info.model_uri, info.run_id)
-    client.set_registered_model_alias(NAME, "prod", "1")
+    uri, _ = sqlite_registry_with(home, NAME, [adapter], tiny_base)
     return {"home": home, "uri": uri, "texts": frame["text"].tolist()}
 
 

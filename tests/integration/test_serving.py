@@ -18,20 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import mlflow
 import pandas as pd
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from serving.auth import create_api_key
 from serving.inference import LABELS_FILE
 from serving.inference_log import read_window
 from serving.model_server import free_port
-from serving.pyfunc_model import log_intent_model
 from tests.conftest import (
     REPO_ROOT,
     reversed_label_copy,
+    sqlite_registry_with,
     train_tiny_adapter,
     two_label_slice,
     venv_env,
@@ -50,21 +48,12 @@ def registry(tmp_path_factory, tiny_base) -> dict:
     """Versions 1 (good), 2 (labels reversed) and 3 (broken: one label for a two-class head); prod -> 1."""
     home = tmp_path_factory.mktemp("serving-home")
     work = tmp_path_factory.mktemp("serving-work")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
     frame = two_label_slice()
     good = train_tiny_adapter(frame, tiny_base, work / "good")
     flipped = reversed_label_copy(good, work / "flipped")
     broken = reversed_label_copy(good, work / "broken")
     (broken / LABELS_FILE).write_text(json.dumps(["cancel_order"]))
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("serving-test", artifact_location=str(home / "artifacts"))
-    client = MlflowClient(uri, uri)
-    client.create_registered_model(NAME)
-    for adapter in (good, flipped, broken):
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_intent_model(adapter, str(tiny_base))
-        client.create_model_version(NAME, info.model_uri, info.run_id)
-    client.set_registered_model_alias(NAME, "prod", "1")
+    uri, client = sqlite_registry_with(home, NAME, [good, flipped, broken], tiny_base)
     texts = frame["text"].tolist()[::3]
     return {"home": home, "uri": uri, "client": client, "texts": texts}
 
