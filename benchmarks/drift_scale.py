@@ -13,8 +13,14 @@ native allocations that tracemalloc would miss), and its RSS after imports and l
 job's own share is ``peak - before_job``. A fresh process per size keeps one size's peak from
 hiding the other's. The 10k run is the baseline: the JSON gives the 100k/10k ratios.
 
-Writes ``benchmarks/results/drift_scale.json`` under the key ``drift_job``; other parts of the
-gateway benchmark (latency added by the gateway) add their own key to the same file.
+The same run then measures the latency the gateway adds (``gateway_latency``): a trained adapter
+(``--gateway-adapter``, by default the banking77 one that ``python -m benchmarks.banking77`` writes)
+is registered and served by `tuneloop serve`, and single-text and 32-text calls go, interleaved, to the
+model server directly and through the gateway (auth, limits, PII-masked request log included); see
+``benchmarks/serving_latency.py``, which also compares with in-process ``predict``. Skipped, and said
+so, when no adapter is there.
+
+Writes ``benchmarks/results/drift_scale.json`` under the keys ``drift_job`` and ``gateway_latency``.
 """
 
 from __future__ import annotations
@@ -203,6 +209,32 @@ def measure_drift_job(sizes: list[int], seed: int) -> dict:
     }
 
 
+def measure_gateway_latency(adapter: Path, calls: int) -> dict:
+    """p50/p99 through the gateway against the model server behind it, in this run (1 torch thread each)."""
+    if not (adapter / "adapter_config.json").exists():
+        log.warning("no adapter at %s: gateway latency not measured", adapter)
+        return {"skipped": f"no adapter at {adapter} (python -m benchmarks.banking77 trains one)"}
+    import os
+
+    from benchmarks.serving_latency import gateway_overhead, serve_and_measure
+    from pipelines.config import DEFAULT_BASE_MODEL
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    texts = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")["text"].astype(str).tolist()
+    results, ready_s = serve_and_measure(
+        adapter, DEFAULT_BASE_MODEL, texts, (1, 32), calls, 5, in_process=False
+    )
+    return {
+        "adapter": str(adapter),
+        "texts": "data/sample/intents.csv",
+        "method": "sequential calls, model server direct vs gateway, interleaved in 5 rounds",
+        "gateway_ready_after_start_s": round(ready_s, 1),
+        "measured_at": datetime.now(UTC).isoformat(),
+        "results": results,
+        "gateway_added": {name: gateway_overhead(result) for name, result in results.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--gateway-adapter", type=Path, default=REPO_ROOT / ".tuneloop/banking77/adapter")
+    parser.add_argument("--gateway-calls", type=int, default=100, help="timed calls per mode and batch size")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -227,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "measured_at": datetime.now(UTC).isoformat(),
         **measure_drift_job(sorted(args.sizes), args.seed),
     }
+    existing["gateway_latency"] = measure_gateway_latency(args.gateway_adapter, args.gateway_calls)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(existing, indent=2) + "\n")
     log.info("wrote %s", args.output)

@@ -162,18 +162,67 @@ def measure(calls: dict[str, Callable], texts: list[str], batch_size: int, count
     return {mode: summarise(values, batch_size) for mode, values in latencies.items()}
 
 
-def ratios(results: dict) -> dict:
-    def ratio(a: str, b: str, key: str) -> float:
-        return round(results[a][key] / results[b][key], 3)
+def serve_and_measure(
+    adapter: Path,
+    base: str,
+    texts: list[str],
+    batch_sizes: tuple[int, ...],
+    calls_per_mode: int,
+    rounds: int,
+    in_process: bool,
+) -> tuple[dict, float]:
+    """Register ``adapter`` in a throwaway registry, run `tuneloop serve`, time every mode per batch size.
 
+    Returns the per-batch-size results and how long the gateway took to become ready.
+    """
+    with tempfile.TemporaryDirectory(prefix="serving-latency-") as scratch:
+        home, project = Path(scratch) / "home", Path(scratch) / "project"
+        home.mkdir()
+        project.mkdir()
+        uri = register_adapter(adapter, base, home)
+        log.info("registered %s v1 (alias prod) in %s; starting tuneloop serve", MODEL_NAME, uri)
+        started = time.monotonic()
+        api_key = create_api_key(home / "api_keys.json", "serving-latency-benchmark", ["admin"])
+        gateway_process, gateway_url = start_gateway(project, uri, home)
+        ready_s = time.monotonic() - started
+        try:
+            with httpx.Client(timeout=120) as http:
+                status = http.get(f"{gateway_url}/v1/status", headers={API_KEY_HEADER: api_key})
+                server_url = status.json()["upstream"]
+                model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1") if in_process else None
+                calls = callers(model, http, gateway_url, server_url, api_key)
+                if not in_process:
+                    calls.pop("in_process")
+                results = {
+                    f"batch_{size}": measure(calls, texts, size, calls_per_mode, rounds)
+                    for size in batch_sizes
+                }
+        finally:
+            gateway_process.terminate()
+            gateway_process.wait(timeout=120)
+    return results, ready_s
+
+
+def _ratio(results: dict, a: str, b: str, key: str) -> float:
+    return round(results[a][key] / results[b][key], 3)
+
+
+def gateway_overhead(results: dict) -> dict:
+    """What the gateway adds on top of the model server behind it."""
     return {
-        "gateway_vs_in_process_p50": ratio("gateway", "in_process", "p50_ms"),
-        "gateway_vs_in_process_p99": ratio("gateway", "in_process", "p99_ms"),
-        "model_server_vs_in_process_p50": ratio("model_server", "in_process", "p50_ms"),
-        "gateway_vs_model_server_p50": ratio("gateway", "model_server", "p50_ms"),
-        "gateway_vs_model_server_p99": ratio("gateway", "model_server", "p99_ms"),
+        "gateway_vs_model_server_p50": _ratio(results, "gateway", "model_server", "p50_ms"),
+        "gateway_vs_model_server_p99": _ratio(results, "gateway", "model_server", "p99_ms"),
         "gateway_added_p50_ms": round(results["gateway"]["p50_ms"] - results["model_server"]["p50_ms"], 2),
         "gateway_added_p99_ms": round(results["gateway"]["p99_ms"] - results["model_server"]["p99_ms"], 2),
+    }
+
+
+def ratios(results: dict) -> dict:
+    return {
+        "gateway_vs_in_process_p50": _ratio(results, "gateway", "in_process", "p50_ms"),
+        "gateway_vs_in_process_p99": _ratio(results, "gateway", "in_process", "p99_ms"),
+        "model_server_vs_in_process_p50": _ratio(results, "model_server", "in_process", "p50_ms"),
+        **gateway_overhead(results),
     }
 
 
@@ -206,29 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     torch.set_num_threads(args.torch_threads)
 
-    with tempfile.TemporaryDirectory(prefix="serving-latency-") as scratch:
-        home, project = Path(scratch) / "home", Path(scratch) / "project"
-        home.mkdir()
-        project.mkdir()
-        uri = register_adapter(args.adapter, args.base, home)
-        log.info("registered %s v1 (alias prod) in %s; starting tuneloop serve", MODEL_NAME, uri)
-        started = time.monotonic()
-        api_key = create_api_key(home / "api_keys.json", "serving-latency-benchmark", ["admin"])
-        gateway_process, gateway_url = start_gateway(project, uri, home)
-        ready_s = time.monotonic() - started
-        try:
-            with httpx.Client(timeout=120) as http:
-                status = http.get(f"{gateway_url}/v1/status", headers={API_KEY_HEADER: api_key})
-                server_url = status.json()["upstream"]
-                model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
-                calls = callers(model, http, gateway_url, server_url, api_key)
-                results = {
-                    f"batch_{size}": measure(calls, texts, size, args.calls, args.rounds)
-                    for size in BATCH_SIZES
-                }
-        finally:
-            gateway_process.terminate()
-            gateway_process.wait(timeout=120)
+    results, ready_s = serve_and_measure(
+        args.adapter, args.base, texts, BATCH_SIZES, args.calls, args.rounds, in_process=True
+    )
     report = {
         "model": f"LoRA adapter {args.adapter} on {args.base}, registered as an MLflow pyfunc (base bundled)",
         "data": f"banking77 official test texts ({test_csv})",
