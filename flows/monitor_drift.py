@@ -41,12 +41,15 @@ def build_reference(
     params_path: str,
     prepared_dir: str,
     home_dir: str,
+    tracking_uri: str,
     model_uri: str | None,
     adapter_dir: str | None,
 ) -> monitor.Reference:
     params = load_params(params_path)
     uri = None if adapter_dir else (model_uri or monitor.window_model_uri(window, params.registry.model_name))
-    model_id, predictor = monitor.model_identity(uri, Path(adapter_dir) if adapter_dir else None)
+    model_id, predictor = monitor.model_identity(
+        uri, Path(adapter_dir) if adapter_dir else None, tracking_uri
+    )
     cache = monitor.monitoring_dir(Path(home_dir)) / "reference"
     return monitor.build_reference(predictor, Path(prepared_dir), params.monitoring, model_id, cache)
 
@@ -140,7 +143,9 @@ def monitor_drift(
         )
         return {"skipped": "not enough traffic", "n_current": len(window)}
     labelled = read_recent_feedback(db_url, params.monitoring.feedback_lookback_hours)
-    reference = build_reference(window, params_path, prepared_dir, str(env.home_dir), model_uri, adapter_dir)
+    reference = build_reference(
+        window, params_path, prepared_dir, str(env.home_dir), env.tracking_uri, model_uri, adapter_dir
+    )
     outcome = check_drift(window, labelled, reference, env, params_path, append)
     decision = outcome.decision
     result = outcome.as_dict()

@@ -106,10 +106,12 @@ def adapter_predictor(adapter_dir: Path, batch_size: int = 64) -> Predictor:
     return predict
 
 
-def registry_predictor(model_uri: str) -> Predictor:
-    """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``)."""
+def registry_predictor(model_uri: str, tracking_uri: str) -> Predictor:
+    """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``) in that registry."""
     import mlflow
 
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
 
     def predict(texts: Sequence[str]) -> pd.DataFrame:
@@ -512,7 +514,9 @@ def decide_and_append(
     return decision, appended
 
 
-def model_identity(model_uri: str | None, adapter_dir: Path | None) -> tuple[str, Predictor]:
+def model_identity(
+    model_uri: str | None, adapter_dir: Path | None, tracking_uri: str
+) -> tuple[str, Predictor]:
     """A cache identity and a predictor for a registered model URI or a local adapter folder."""
     if adapter_dir is not None:
         weights = sorted(adapter_dir.glob("*.safetensors")) or sorted(adapter_dir.glob("*.bin"))
@@ -521,7 +525,7 @@ def model_identity(model_uri: str | None, adapter_dir: Path | None) -> tuple[str
         return f"adapter:{file_md5(weights[0])}", adapter_predictor(adapter_dir)
     if not model_uri:
         raise ValueError("give a registered model URI or a local adapter folder")
-    return model_uri, registry_predictor(model_uri)
+    return model_uri, registry_predictor(model_uri, tracking_uri)
 
 
 def window_model_uri(window: pd.DataFrame, model_name: str, alias: str = "prod") -> str:
@@ -591,7 +595,9 @@ def main(argv: list[str] | None = None) -> None:
     lookback = timedelta(hours=params.monitoring.feedback_lookback_hours)
     labelled_log = labelled_rows(db_url, datetime.now(UTC) - lookback)
     model_uri = args.model_uri or window_model_uri(window, params.registry.model_name)
-    model_id, predictor = model_identity(None if args.adapter_dir else model_uri, args.adapter_dir)
+    model_id, predictor = model_identity(
+        None if args.adapter_dir else model_uri, args.adapter_dir, env.tracking_uri
+    )
     reference = build_reference(
         predictor,
         Path(args.prepared_dir),
