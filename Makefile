@@ -42,7 +42,7 @@ lint: setup
 
 ## typecheck: mypy where types pay: the promotion gates and the merge gate (pure logic, no torch)
 typecheck: setup
-	$(BIN)/mypy --ignore-missing-imports --follow-imports=silent evaluation/gates.py pipelines/model_gate.py
+	$(BIN)/mypy --ignore-missing-imports --follow-imports=silent evaluation/gates.py registry/model_gate.py
 
 ## pull: fetch the DVC-tracked data (and stage outputs already pushed) from the default remote
 pull: setup
@@ -81,8 +81,8 @@ model-gate: setup
 		echo "_dvc metrics diff failed: see the job log._" > $(GATE_DIR)/metrics-diff.md
 	$(BIN)/dvc params diff --md "$(BASE_REF)" > $(GATE_DIR)/params-diff.md || \
 		echo "_dvc params diff failed: see the job log._" > $(GATE_DIR)/params-diff.md
-	$(BIN)/python -m pipelines.model_gate --base-metrics-dir $(GATE_DIR)/base --head-metrics-dir metrics \
-		--params params.yaml --base-label "$(BASE_REF)" \
+	$(BIN)/tuneloop model-gate --base-metrics-dir $(GATE_DIR)/base --head-metrics-dir metrics \
+		--base-label "$(BASE_REF)" \
 		--metrics-diff $(GATE_DIR)/metrics-diff.md --params-diff $(GATE_DIR)/params-diff.md \
 		--markdown-out $(GATE_DIR)/report.md $(if $(GITHUB_STEP_SUMMARY),--step-summary "$(GITHUB_STEP_SUMMARY)")
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipelines.config import Environment, load_params
 from pipelines.evaluate import evaluate
 from pipelines.prepare import prepare
-from pipelines.tracking import flatten, use_experiment
 from pipelines.train import train, train_metrics
 from pipelines.validate import build_validation_frame, run_suite
 from serving.inference import IntentClassifier
+from tuneloop.config import Environment, load_params
+from tuneloop.tracking import flatten, use_experiment
 
 log = logging.getLogger("benchmarks.banking77")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "banking77"

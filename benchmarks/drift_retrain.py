@@ -39,10 +39,7 @@ from sklearn.model_selection import train_test_split
 from statsmodels.stats.contingency_tables import mcnemar
 from tqdm.auto import tqdm
 
-from pipelines.config import Environment, MonitoringParams, load_params
-from pipelines.datastore import init_project
-from pipelines.io import write_json
-from pipelines.monitor import (
+from monitoring.monitor import (
     adapter_predictor,
     build_reference,
     evaluate_window,
@@ -51,6 +48,9 @@ from pipelines.monitor import (
     should_retrain,
 )
 from pipelines.prepare import prepare, write_prepared
+from tuneloop.config import Environment, MonitoringParams, load_params
+from tuneloop.datastore import init_project
+from tuneloop.io import write_json
 
 log = logging.getLogger("benchmarks.drift_retrain")
 REPO_ROOT = Path(__file__).resolve().parents[1]

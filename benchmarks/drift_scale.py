@@ -5,7 +5,7 @@
 For each size, a child process fills a fresh SQLite inference log through the gateway's own writer
 (``serving.inference_log.InferenceLogWriter``) with rows synthesised from the sample and its drifted
 batch (70/30, with feedback on 10% of rows), then runs the job on a window of all of them:
-read the window, compute the drift summary (``pipelines.monitor.evaluate_window``: Evidently text,
+read the window, compute the drift summary (``monitoring.monitor.evaluate_window``: Evidently text,
 descriptor and label drift, concept-drift tests), render the HTML reports. Each phase is timed.
 
 Memory: the child's peak resident set size (``resource.getrusage(...).ru_maxrss``, which counts
@@ -106,9 +106,9 @@ def reference_from_sample(seed: int):
     its inference time (reference predictions are cached per version in production) out of the numbers.
     """
     from evaluation.drift import document_frequencies
-    from pipelines.config import load_params
-    from pipelines.monitor import Reference
+    from monitoring.monitor import Reference
     from pipelines.prepare import prepare
+    from tuneloop.config import load_params
 
     params = load_params(REPO_ROOT / "params.yaml")
     splits = prepare(REPO_ROOT / "data/sample/intents.csv", params.data, params.prepare).splits
@@ -137,7 +137,7 @@ def peak_rss_mb() -> float:
 
 def run_one(size: int, seed: int) -> dict:
     """In a child process: fill a log of ``size`` rows, then time the job's phases on all of them."""
-    from pipelines.monitor import evaluate_window, read_log
+    from monitoring.monitor import evaluate_window, read_log
 
     with tempfile.TemporaryDirectory(prefix="tuneloop-drift-scale-") as folder:
         db_url = f"sqlite:///{Path(folder) / 'inference_log.db'}"
@@ -217,12 +217,12 @@ def measure_gateway_latency(adapter: Path, calls: int) -> dict:
     import os
 
     from benchmarks.serving_latency import gateway_overhead, serve_and_measure
-    from pipelines.config import DEFAULT_BASE_MODEL
+    from tuneloop.config import load_params
 
     os.environ["OMP_NUM_THREADS"] = "1"
     texts = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")["text"].astype(str).tolist()
     results, ready_s = serve_and_measure(
-        adapter, DEFAULT_BASE_MODEL, texts, (1, 32), calls, 5, in_process=False
+        adapter, load_params(REPO_ROOT / "params.yaml").model.base, texts, (1, 32), calls, 5, in_process=False
     )
     return {
         "adapter": str(adapter),

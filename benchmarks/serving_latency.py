@@ -40,10 +40,10 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from benchmarks.banking77 import DEFAULT_DATA_DIR
-from pipelines.config import DEFAULT_BASE_MODEL
 from serving.auth import API_KEY_HEADER, create_api_key
 from serving.model_server import free_port, invocation_body
 from serving.pyfunc_model import log_intent_model
+from tuneloop.config import load_params
 
 log = logging.getLogger("benchmarks.serving_latency")
 
@@ -77,7 +77,7 @@ def register_adapter(adapter: Path, base: str, home: Path) -> str:
     client = MlflowClient(uri, uri)
     client.create_registered_model(MODEL_NAME)
     with mlflow.start_run(experiment_id=experiment):
-        info = log_intent_model(adapter, base)
+        info = log_intent_model(adapter, base, load_params("params.yaml").serving)
     version = client.create_model_version(MODEL_NAME, info.model_uri, info.run_id)
     client.set_registered_model_alias(MODEL_NAME, "prod", version.version)
     return uri
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--adapter", type=Path, default=Path(".tuneloop/banking77/adapter"))
-    parser.add_argument("--base", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--base", default=None, help="default: params.yaml model.base")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--calls", type=int, default=100, help="timed calls per mode and batch size")
     parser.add_argument("--rounds", type=int, default=5)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     if not test_csv.exists():
         raise SystemExit(f"banking77 not found at {args.data_dir} (expected test.csv)")
     texts = pd.read_csv(test_csv)["text"].astype(str).tolist()
+    args.base = args.base or load_params("params.yaml").model.base
     # The same thread budget on both sides: on a busy 2-core machine, torch's default of one thread per
     # core makes its OpenMP workers wait on each other and in-process latency grows several-fold.
     os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)

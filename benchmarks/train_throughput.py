@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
 from benchmarks.banking77 import DEFAULT_DATA_DIR
-from pipelines.config import load_params
 from pipelines.train import EncodedTexts, to_ids, train
 from serving.inference import load_base_classifier, resolve_base_model, select_device
+from tuneloop.config import load_params
 
 log = logging.getLogger("benchmarks.train_throughput")
 

@@ -2,7 +2,7 @@
 
 Pure functions over pandas frames with the inference log's column names (``text``, ``label`` = the
 predicted label, ``score``, ``true_label`` = feedback or None): data in, a JSON-ready summary and
-Evidently snapshots out. Saving and logging them is the caller's job (``pipelines.monitor``).
+Evidently snapshots out. Saving and logging them is the caller's job (``monitoring.monitor``).
 
 False alarms are budgeted per window: every test a window runs shares ``false_alarm_rate``
 (Bonferroni), so unchanged traffic raises any flag in at most that share of windows.
@@ -23,7 +23,7 @@ import pandas as pd
 from scipy.stats import chi2_contingency, fisher_exact
 from statsmodels.stats.proportion import proportions_ztest
 
-from pipelines.config import MonitoringParams
+from tuneloop.config import MonitoringParams
 
 TEXT = "text"
 PREDICTED = "label"

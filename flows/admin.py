@@ -8,7 +8,6 @@ serves `tuneloop deploy`, `tuneloop worker` and the flows themselves.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import psutil
@@ -29,16 +28,14 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import AwaitingRetry
 
-from pipelines.config import OrchestrationParams
+from tuneloop.config import OrchestrationParams
 
 log = logging.getLogger(__name__)
 
-WORK_POOL_ENV = "TUNELOOP_WORK_POOL"
 
-
-def work_pool_name(settings: OrchestrationParams) -> str:
-    """TUNELOOP_WORK_POOL when set (one pool per machine or environment), else params.yaml's name."""
-    return os.environ.get(WORK_POOL_ENV) or settings.work_pool
+def work_pool_name(settings: OrchestrationParams, override: str | None) -> str:
+    """The override (TUNELOOP_WORK_POOL: one pool per machine or environment), else params.yaml's name."""
+    return override or settings.work_pool
 
 
 def ensure_work_pool(client: SyncPrefectClient, name: str) -> bool:

@@ -1,7 +1,7 @@
 """The `continuous-training` flow: pull a data version, run each DVC stage as its own task, register.
 
 Every task is a thin call of an existing step: DVC's own commands for data and stages (so DVC still
-skips what is up to date and a re-run resumes from its cache) and `pipelines.register` for the
+skips what is up to date and a re-run resumes from its cache) and `registry.register` for the
 registry. The whole run holds one slot of a Prefect global concurrency limit, so runs started together
 (a schedule, a drift trigger, a person) take turns instead of fighting over one work tree.
 """
@@ -9,12 +9,11 @@ registry. The whole run holds one slot of a Prefect global concurrency limit, so
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -25,16 +24,13 @@ from ruamel.yaml import YAML
 
 from flows import commands
 from flows.admin import ensure_concurrency_limit
-from pipelines.config import Environment, Params, load_params
-from pipelines.io import file_md5, read_json
-from pipelines.register import HEADLINE_METRICS, Lineage, register_candidate
-from pipelines.tracking import git_commit, use_experiment
-from serving.inference import MANIFEST_FILE
+from registry.register import HEADLINE_METRICS, register_workspace
+from tuneloop.config import Environment, Params, load_params
+from tuneloop.io import read_json
+from tuneloop.paths import EVALUATE_METRICS, GATES_FILE
+from tuneloop.tracking import use_experiment
 
 ARTIFACT_KEY = "continuous-training-summary"
-ADAPTER_DIR = "models/adapter"
-PREPARED_DIR = "data/prepared"
-METRICS_DIR = "metrics"
 
 
 def deep_merge(base: Any, overrides: dict) -> Any:
@@ -87,82 +83,13 @@ def push_outputs(project_dir: str) -> None:
     commands.push_outputs(Path(project_dir), get_run_logger())
 
 
-def registered_version_of(client: MlflowClient, name: str, run_id: str):
-    """The version already registered from ``run_id`` whose registration finished, or None.
-
-    `register_candidate` tags the run last (`tuneloop.registered_version`); a version without that
-    tag was left by a registration that crashed half-way, and is deleted so it can be redone.
-    """
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not versions:
-        return None
-    finished = client.get_run(run_id).data.tags.get("tuneloop.registered_version")
-    for version in versions:
-        if finished == f"{name}/{version.version}":
-            # Search results leave out aliases: read the version itself.
-            return client.get_model_version(name, version.version)
-        get_run_logger().warning("deleting %s v%s: its registration did not finish", name, version.version)
-        client.delete_model_version(name, version.version)
-    return None
-
-
 @task(name="register")
 def register(project_dir: str) -> dict:
-    """Register the trained adapter (`pipelines.register`), once per training run, and report the verdict."""
-    logger = get_run_logger()
+    """Register the trained adapter (`registry.register.register_workspace`), once per training run."""
     project = Path(project_dir)
-    env = Environment.from_env(project)
-    params = load_params(project / "params.yaml")
-    prepared, metrics_dir = project / PREPARED_DIR, project / METRICS_DIR
-    use_experiment(env)
-    client = MlflowClient()
-    run_id = read_json(project / ADAPTER_DIR / MANIFEST_FILE)["mlflow_run_id"]
-    name = params.registry.model_name
-    existing = registered_version_of(client, name, run_id)
-    if existing is not None:
-        logger.info(
-            "training run %s is already %s v%s: nothing new to register", run_id, name, existing.version
-        )
-        return {
-            "name": name,
-            "version": str(existing.version),
-            "run_id": run_id,
-            "new_version": False,
-            "promoted_to_dev": "dev" in existing.aliases,
-            "reasons": [r for r in [existing.tags.get("tuneloop.blocked_reason")] if r],
-        }
-    lock = project / "dvc.lock"
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_text(lock.read_text(encoding="utf-8"), "lineage/dvc.lock")
-    registration = register_candidate(
-        client,
-        project / ADAPTER_DIR,
-        params.model.base,
-        pd.read_parquet(prepared / "test.parquet"),
-        read_json(metrics_dir / "evaluate.json"),
-        read_json(metrics_dir / "gates.json"),
-        read_json(metrics_dir / "bias.json"),
-        Lineage(
-            data_md5=read_json(prepared / "meta.json")["source_md5"],
-            git_commit=git_commit(project),
-            dvc_lock_md5=file_md5(lock),
-        ),
-        params.registry,
-    )
-    logger.info(
-        "registered %s v%s: %s",
-        name,
-        registration.version,
-        "dev" if registration.promoted_to_dev else "blocked: " + "; ".join(registration.reasons),
-    )
-    return {
-        "name": name,
-        "version": str(registration.version),
-        "run_id": run_id,
-        "new_version": True,
-        "promoted_to_dev": registration.promoted_to_dev,
-        "reasons": registration.reasons,
-    }
+    use_experiment(Environment.from_env(project))
+    outcome = register_workspace(project, load_params(project / "params.yaml"), MlflowClient())
+    return asdict(outcome)
 
 
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -249,8 +176,8 @@ def continuous_training(
         push_outputs.with_options(**io_retries)(project)
         registration = register.with_options(**io_retries)(project)
         # Read inside the slot: the next queued run rewrites these files as soon as it gets it.
-        metrics = read_json(env.project_dir / METRICS_DIR / "evaluate.json")
-        gates = read_json(env.project_dir / METRICS_DIR / "gates.json")
+        metrics = read_json(env.project_dir / EVALUATE_METRICS)
+        gates = read_json(env.project_dir / GATES_FILE)
 
     summary = {
         "reason": reason,

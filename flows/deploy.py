@@ -19,13 +19,12 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from flows.admin import (
-    WORK_POOL_ENV,
     ensure_concurrency_limit,
     ensure_work_pool,
     reschedule_orphaned_runs,
     work_pool_name,
 )
-from pipelines.config import OrchestrationParams
+from tuneloop.config import WORK_POOL_ENV, OrchestrationParams
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,10 @@ def require_prefect_server() -> str:
     return url
 
 
-def deploy(project_dir: Path, settings: OrchestrationParams) -> str:
+def deploy(project_dir: Path, settings: OrchestrationParams, pool_override: str | None = None) -> str:
     """Register prefect.yaml's deployments against PREFECT_API_URL; returns the work pool name."""
     require_prefect_server()
-    pool = work_pool_name(settings)
+    pool = work_pool_name(settings, pool_override)
     with get_client(sync_client=True) as client:
         if ensure_work_pool(client, pool):
             log.info("created process work pool %r", pool)
@@ -70,10 +69,12 @@ def deploy(project_dir: Path, settings: OrchestrationParams) -> str:
     return pool
 
 
-def start_worker(settings: OrchestrationParams, name: str | None = None) -> None:
+def start_worker(
+    settings: OrchestrationParams, name: str | None = None, pool_override: str | None = None
+) -> None:
     """Reschedule runs orphaned by a dead worker, then replace this process with a process worker."""
     require_prefect_server()
-    pool = work_pool_name(settings)
+    pool = work_pool_name(settings, pool_override)
     with get_client(sync_client=True) as client:
         ensure_work_pool(client, pool)
         reschedule_orphaned_runs(client, pool)

@@ -1,6 +1,6 @@
 """The `monitor-drift` flow: one drift check of recent traffic, and retraining when it is warranted.
 
-Each task is a thin call of ``pipelines.monitor``. On a retrain decision the flow starts the
+Each task is a thin call of ``monitoring.monitor``. On a retrain decision the flow starts the
 ``continuous-training/nightly`` deployment with ``reason="drift"`` (without waiting for it); on data
 drift that only alerts, it publishes a Markdown artifact (key ``drift-alert``) and logs a warning.
 Deployed hourly as ``monitor-drift/hourly`` (``prefect.yaml``).
@@ -8,17 +8,17 @@ Deployed hourly as ``monitor-drift/hourly`` (``prefect.yaml``).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import monitor
-from pipelines.config import Environment, load_params
+from monitoring import monitor
+from tuneloop.config import Environment
+from tuneloop.paths import PREPARED_DIR
 
 TRAINING_DEPLOYMENT = "continuous-training/nightly"
 ALERT_ARTIFACT_KEY = "drift-alert"
@@ -26,44 +26,23 @@ ALERT_ARTIFACT_KEY = "drift-alert"
 
 
 @task(cache_policy=NO_CACHE)
-def read_window(db_url: str, last_n: int) -> pd.DataFrame:
-    return monitor.read_log(db_url, last_n=last_n)
-
-
-@task(cache_policy=NO_CACHE)
-def read_recent_feedback(db_url: str, lookback_hours: float) -> pd.DataFrame:
-    return monitor.labelled_rows(db_url, datetime.now(UTC) - timedelta(hours=lookback_hours))
-
-
-@task(cache_policy=NO_CACHE)
-def build_reference(
-    window: pd.DataFrame,
-    params_path: str,
-    prepared_dir: str,
-    home_dir: str,
-    tracking_uri: str,
-    model_uri: str | None,
-    adapter_dir: str | None,
-) -> monitor.Reference:
-    params = load_params(params_path)
-    uri = None if adapter_dir else (model_uri or monitor.window_model_uri(window, params.registry.model_name))
-    model_id, predictor = monitor.model_identity(
-        uri, Path(adapter_dir) if adapter_dir else None, tracking_uri
-    )
-    cache = monitor.monitoring_dir(Path(home_dir)) / "reference"
-    return monitor.build_reference(predictor, Path(prepared_dir), params.monitoring, model_id, cache)
-
-
-@task(cache_policy=NO_CACHE)
 def check_drift(
-    window: pd.DataFrame,
-    labelled: pd.DataFrame,
-    reference: monitor.Reference,
     env: Environment,
     params_path: str,
+    prepared_dir: str,
+    model_uri: str | None,
+    adapter_dir: str | None,
     append: bool,
-) -> monitor.MonitorOutcome:
-    return monitor.run_monitor(window, labelled, reference, env, Path(params_path), append=append)
+) -> monitor.MonitorOutcome | monitor.NotEnoughTraffic:
+    """The drift check itself: the same step as `tuneloop monitor`."""
+    return monitor.monitor_once(
+        env,
+        Path(params_path),
+        Path(prepared_dir),
+        model_uri=model_uri,
+        adapter_dir=Path(adapter_dir) if adapter_dir else None,
+        append=append,
+    )
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 90])
@@ -114,7 +93,7 @@ def alert_markdown(summary: dict[str, Any], reasons: list[str]) -> str:
 @flow(name="monitor-drift", persist_result=True)
 def monitor_drift(
     params_path: str = "params.yaml",
-    prepared_dir: str = "data/prepared",
+    prepared_dir: str = str(PREPARED_DIR),
     model_uri: str | None = None,
     adapter_dir: str | None = None,
     append: bool = True,
@@ -131,22 +110,9 @@ def monitor_drift(
         trigger: start the training deployment on a retrain decision.
     """
     logger = get_run_logger()
-    env = Environment.from_env()
-    params = load_params(params_path)
-    db_url = monitor.inference_log_url(env.home_dir)
-    window = read_window(db_url, params.monitoring.window_size)
-    if len(monitor.latest_version_rows(window)) < params.monitoring.min_window_size:
-        logger.info(
-            "%d predictions in the log, fewer than monitoring.min_window_size (%d): nothing to judge yet",
-            len(window),
-            params.monitoring.min_window_size,
-        )
-        return {"skipped": "not enough traffic", "n_current": len(window)}
-    labelled = read_recent_feedback(db_url, params.monitoring.feedback_lookback_hours)
-    reference = build_reference(
-        window, params_path, prepared_dir, str(env.home_dir), env.tracking_uri, model_uri, adapter_dir
-    )
-    outcome = check_drift(window, labelled, reference, env, params_path, append)
+    outcome = check_drift(Environment.from_env(), params_path, prepared_dir, model_uri, adapter_dir, append)
+    if isinstance(outcome, monitor.NotEnoughTraffic):
+        return outcome.as_dict()
     decision = outcome.decision
     result = outcome.as_dict()
     if decision.alert:

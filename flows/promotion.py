@@ -1,7 +1,7 @@
 """The `promote-to-prod` flow: polls the registry and promotes the newest approved `dev` version.
 
 A reviewer approves in the MLflow UI (version tag `approval` = `approved`); this flow, scheduled every
-few minutes, turns that into a `prod` move through `pipelines.promote.promote`, which applies the
+few minutes, turns that into a `prod` move through `registry.promote.promote`, which applies the
 promotion rules, remembers the previous `prod` for rollback and writes the audit entry. A refusal is
 logged and the poll ends normally: it is an answer, not a failure.
 """
@@ -15,10 +15,11 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.config import Environment, load_params
-from pipelines.promote import AUDIT_FILE, PromotionRefused, promote
-from pipelines.register import PROD_ALIAS
-from pipelines.tracking import current_version, use_experiment
+from registry.promote import PromotionRefused, promote
+from registry.register import PROD_ALIAS
+from tuneloop.config import Environment, load_params
+from tuneloop.paths import HomePaths
+from tuneloop.tracking import current_version, use_experiment
 
 ACTOR = "prefect:promote-to-prod"
 
@@ -51,14 +52,14 @@ def find_approved_version(tracking_env: Environment, name: str) -> str | None:
 
 @task(name="promote")
 def promote_version(tracking_env: Environment, params_path: str, version: str, to: str) -> dict:
-    """`pipelines.promote.promote`; a refusal comes back as data so it is not retried like an outage."""
+    """`registry.promote.promote`; a refusal comes back as data so it is not retried like an outage."""
     params = load_params(params_path)
     use_experiment(tracking_env)
     try:
         entry = promote(
             MlflowClient(),
             params.registry.model_name,
-            tracking_env.home_dir / AUDIT_FILE,
+            tracking_env.paths.registry_audit,
             to=to,
             version=version,
             actor=ACTOR,
@@ -91,7 +92,8 @@ def promote_to_prod(project_dir: str | None = None, to: str = PROD_ALIAS) -> dic
         create_markdown_artifact(
             f"# {name}@{to}: v{result['from_version']} -> v{version}\n\n"
             f"Approved in the registry; moved by `{ACTOR}` at {result['at']}. "
-            f"Audit log: `{Path(env.home_dir) / AUDIT_FILE}`. Undo with `tuneloop rollback --to {to}`.\n",
+            f"Audit log: `{HomePaths(Path(env.home_dir)).registry_audit}`. "
+            f"Undo with `tuneloop rollback --to {to}`.\n",
             key=f"promote-to-{to}",
             description=f"{name}@{to} -> v{version}",
         )

@@ -1,4 +1,4 @@
-"""`python -m flows.serve`: every deployment of prefect.yaml, served by this one process.
+"""`tuneloop serve-flows`: every deployment of prefect.yaml, served by this one process.
 
 The one-process alternative to `tuneloop deploy` + `tuneloop worker`: `prefect.serve` registers the
 same deployments (same names, schedules and parameters, read from prefect.yaml) and runs their flow
@@ -7,7 +7,6 @@ runs as subprocesses until stopped with Ctrl-C. Run it from the project folder.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from flows.admin import ensure_concurrency_limit
 from flows.deploy import declared_deployments
-from pipelines.config import load_params
+from tuneloop.config import OrchestrationParams
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +68,10 @@ def runner_deployments(project_dir: Path) -> list:
     return deployments
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--project-dir", default=".", help="the folder with prefect.yaml and params.yaml")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    project_dir = Path(args.project_dir).resolve()
-    settings = load_params(project_dir / args.params).orchestration
+def serve_deployments(project_dir: Path, settings: OrchestrationParams) -> None:
+    """Register prefect.yaml's deployments as runner deployments and run them until stopped."""
     deployments = runner_deployments(project_dir)
     with get_client(sync_client=True) as client:
         ensure_concurrency_limit(client, settings.concurrency_limit, settings.max_concurrent_trainings)
         drop_work_pool_deployments(client, deployments)
     serve(*deployments)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
-from pipelines.config import DEFAULT_GATEWAY_PORTS, Environment
+from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment
 
 PID_FILE = "stack.pid"
 READY_LINE = "tuneloop is up:"
@@ -35,16 +35,16 @@ STOP_GRACE_S = 15.0
 class StackPorts:
     """Where each service listens: TUNELOOP_MLFLOW_PORT, TUNELOOP_PREFECT_PORT, TUNELOOP_<ENV>_URL."""
 
-    mlflow: int = 5000
-    prefect: int = 4200
-    gateways: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_GATEWAY_PORTS))
+    mlflow: int
+    prefect: int
+    gateways: dict[str, int]
 
     @classmethod
     def from_env(cls, env: Environment) -> StackPorts:
         """Model servers listen where TUNELOOP_DEV_URL / TUNELOOP_PROD_URL say the gateways are."""
         return cls(
-            mlflow=int(os.environ.get("TUNELOOP_MLFLOW_PORT", 5000)),
-            prefect=int(os.environ.get("TUNELOOP_PREFECT_PORT", 4200)),
+            mlflow=env.mlflow_port,
+            prefect=env.prefect_port,
             gateways={
                 alias: urlparse(url).port or DEFAULT_GATEWAY_PORTS[alias]
                 for alias, url in env.gateway_urls.items()
@@ -61,7 +61,7 @@ class Service:
 
 
 def _tuneloop(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "tuneloop.cli", *args]
 
 
 def stack_environment(env: Environment, ports: StackPorts) -> dict[str, str]:
@@ -88,7 +88,7 @@ def services(env: Environment, ports: StackPorts, serve_available: bool) -> list
                 "mlflow",
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{home / 'mlflow.db'}",
+                f"sqlite:///{env.paths.mlflow_db}",
                 "--artifacts-destination",
                 str(home / "mlartifacts"),
                 "--host",

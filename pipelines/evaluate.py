@@ -18,11 +18,12 @@ from evaluation.bias import counterfactual_test, group_metrics
 from evaluation.gates import evaluate_gates
 from evaluation.plots import confusion_matrix_figure
 from evaluation.quality import confusion, expected_calibration_error, headline_metrics, per_class_metrics
-from pipelines.config import Environment, EvaluateParams, load_params
-from pipelines.io import read_json, write_json
-from pipelines.tracking import use_experiment
 from pipelines.train import to_ids
 from serving.inference import MANIFEST_FILE, IntentClassifier
+from tuneloop.config import Environment, EvaluateParams, load_params
+from tuneloop.io import read_json, write_json
+from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_DIR, REPORTS_DIR
+from tuneloop.tracking import use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,11 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default="data/prepared")
-    parser.add_argument("--model-dir", default="models/adapter")
-    parser.add_argument("--metrics-dir", default="metrics")
-    parser.add_argument("--plots-dir", default="plots")
-    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
+    parser.add_argument("--model-dir", default=str(ADAPTER_DIR))
+    parser.add_argument("--metrics-dir", default=str(METRICS_DIR))
+    parser.add_argument("--plots-dir", default=str(PLOTS_DIR))
+    parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)

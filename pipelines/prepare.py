@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from pipelines.config import DataParams, PrepareParams, load_params
-from pipelines.io import file_md5, read_table, write_json
+from tuneloop.config import DataParams, PrepareParams, load_params
+from tuneloop.io import file_md5, read_table, write_json
+from tuneloop.paths import PREPARED_DIR, SPLITS
+from tuneloop.text import fold_text, normalise_whitespace
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # A class needs this many rows to appear in all three splits; rarer classes stay in train so that
 # `validate` can name them instead of the split crashing here.
 MIN_ROWS_TO_STRATIFY = 3
@@ -48,11 +49,6 @@ def map_columns(frame: pd.DataFrame, data: DataParams) -> pd.DataFrame:
     return mapped
 
 
-def normalise_whitespace(texts: pd.Series) -> pd.Series:
-    """Collapse runs of whitespace and strip ends; nulls stay null so `validate` can report them."""
-    return texts.str.replace(r"\s+", " ", regex=True).str.strip()
-
-
 def _split_off(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stratified split of ``fraction`` of the rows; labels too rare to stratify stay in the first part."""
     strata = frame["label"].fillna("<missing>")
@@ -61,11 +57,6 @@ def _split_off(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
         frame[splittable], test_size=fraction, random_state=seed, stratify=strata[splittable]
     )
     return pd.concat([kept, frame[~splittable]]), split
-
-
-def fold_text(texts: pd.Series) -> pd.Series:
-    """Case- and punctuation-insensitive key, so 'Where is it?' and 'where is it' count as one text."""
-    return texts.str.casefold().str.replace(r"[^\w\s]", "", regex=True).str.replace(r"\s+", " ", regex=True)
 
 
 def split_stratified(
@@ -138,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw-path", help="defaults to data.raw_path in params")
-    parser.add_argument("--out-dir", default="data/prepared")
+    parser.add_argument("--out-dir", default=str(PREPARED_DIR))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)

@@ -32,9 +32,6 @@ from transformers import (
 
 from evaluation.plots import training_curves_figure
 from evaluation.quality import headline_metrics
-from pipelines.config import Environment, ModelParams, TrainParams, load_params
-from pipelines.io import read_json, write_json
-from pipelines.tracking import flatten, git_commit, use_experiment
 from serving.inference import (
     LABELS_FILE,
     MANIFEST_FILE,
@@ -42,6 +39,10 @@ from serving.inference import (
     resolve_base_model,
     select_device,
 )
+from tuneloop.config import Environment, ModelParams, TrainParams, load_params
+from tuneloop.io import read_json, write_json
+from tuneloop.paths import ADAPTER_DIR, PREPARED_DIR, TRAIN_METRICS, TRAINING_HISTORY
+from tuneloop.tracking import flatten, git_commit, use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +282,10 @@ def train_metrics(result: TrainResult) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default="data/prepared")
-    parser.add_argument("--out-dir", default="models/adapter")
-    parser.add_argument("--metrics-path", default="metrics/train.json")
-    parser.add_argument("--history-path", default="plots/training_history.csv")
+    parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
+    parser.add_argument("--out-dir", default=str(ADAPTER_DIR))
+    parser.add_argument("--metrics-path", default=str(TRAIN_METRICS))
+    parser.add_argument("--history-path", default=str(TRAINING_HISTORY))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)

@@ -23,9 +23,10 @@ from great_expectations.data_context.types.base import (
     ProgressBarsConfig,
 )
 
-from pipelines.config import ValidateParams, load_params
-from pipelines.io import write_json
-from pipelines.prepare import SPLITS, fold_text
+from tuneloop.config import ValidateParams, load_params
+from tuneloop.io import write_json
+from tuneloop.paths import PREPARED_DIR, SPLITS, VALIDATION_REPORT_DIR
+from tuneloop.text import fold_text
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def validate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default="data/prepared")
-    parser.add_argument("--report-dir", default="reports/validation")
+    parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
+    parser.add_argument("--report-dir", default=str(VALIDATION_REPORT_DIR))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)

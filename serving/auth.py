@@ -17,16 +17,14 @@ a PEM public key, or the issuer's JWKS URL.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +35,7 @@ from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from filelock import FileLock
 
-from pipelines.config import Environment
+from tuneloop.config import Environment
 
 SCOPES = ("predict", "feedback", "admin")
 API_KEY_PREFIX = "tlk_"
@@ -350,47 +348,3 @@ def authenticator_from_environment(environment: Environment, leeway_s: float = 3
         api_keys=ApiKeyStore(keys_path),
         jwt_verifier=JwtVerifier(settings) if settings else None,
     )
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m serving.auth create-key|list-keys|revoke-key``: manage the gateway's API keys."""
-    parser = argparse.ArgumentParser(prog="python -m serving.auth", description=main.__doc__)
-    parser.add_argument("--keys-file", type=Path, help="default: $TUNELOOP_API_KEYS_FILE")
-    commands = parser.add_subparsers(dest="command", required=True)
-    create = commands.add_parser("create-key", help="create a key and print it (shown only this once)")
-    create.add_argument("--name", required=True, help="who or what uses the key")
-    create.add_argument(
-        "--scopes",
-        nargs="+",
-        default=["predict"],
-        help=f"from {', '.join(SCOPES)} (spaces or commas between)",
-    )
-    commands.add_parser("list-keys", help="key ids, names, scopes (no secrets)")
-    revoke = commands.add_parser("revoke-key", help="refuse a key from now on")
-    revoke.add_argument("key_id")
-    args = parser.parse_args(argv)
-
-    path = args.keys_file or Environment.from_env().api_keys_path
-    if args.command == "create-key":
-        try:
-            key = create_api_key(path, args.name, ",".join(args.scopes).split(","))
-        except ValueError as error:
-            parser.error(str(error))
-        sys.stdout.write(f"{key}\n")
-        sys.stderr.write(f"Stored its hash in {path}. Copy the key now: it is not shown again.\n")
-    elif args.command == "list-keys":
-        sys.stdout.write(json.dumps(list_api_keys(path), indent=2) + "\n")
-    else:
-        try:
-            revoke_api_key(path, args.key_id)
-        except KeyError as error:
-            parser.error(str(error.args[0]))
-        sys.stderr.write(f"Revoked {args.key_id}.\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,7 +35,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.config import Environment, GatewayParams, Params
 from serving.auth import Authenticator, Principal, authenticator_from_environment
 from serving.inference_log import FeedbackRecord, InferenceLogWriter, PredictionRecord, utc_now
 from serving.limits import (
@@ -54,6 +53,7 @@ from serving.model_server import invocation_body
 from serving.pii import PiiMasker
 from serving.routing import BackendPool, NoBackend
 from serving.supervisor import AliasSupervisor
+from tuneloop.config import Environment, GatewayParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -169,23 +169,22 @@ def create_app(
     authenticator: Authenticator,
     inference_log: InferenceLogWriter,
     labels: Sequence[str],
-    settings: GatewayParams | None = None,
+    settings: GatewayParams,
     metrics: GatewayMetrics | None = None,
-    drift_home: Path | None = None,
-    default_top_k: int = 3,
-    upstream_timeout_s: float = 60.0,
+    drift_summary_path: Path | None = None,
+    default_top_k: int,
+    upstream_timeout_s: float,
 ) -> FastAPI:
     """The gateway for one environment. With a supervisor, its alias-following loop runs in the app.
 
     ``inference_log`` is started with the app and closed (everything queued written) on shutdown;
-    ``labels`` is the label set feedback is checked against; ``drift_home`` (TUNELOOP_HOME) makes
+    ``labels`` is the label set feedback is checked against; ``drift_summary_path`` makes
     ``/metrics`` export the drift job's latest result.
     """
-    settings = settings or GatewayParams()
     metrics = metrics or GatewayMetrics()
     metrics.watch_inference_log(inference_log)
-    if drift_home is not None:
-        metrics.watch_drift(drift_home)
+    if drift_summary_path is not None:
+        metrics.watch_drift(drift_summary_path)
     limiter = TokenBucketLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     text_limits = TextLimits(settings.max_text_chars, settings.max_batch_size)
     known_labels = frozenset(labels)
@@ -477,7 +476,7 @@ def create_gateway(
     if authenticator.jwt_verifier is None and not (env.api_keys_path and env.api_keys_path.exists()):
         log.warning(
             "no API key file at %s and no JWT issuer configured: every request will be refused. "
-            "Create a key with `python -m serving.auth create-key --name <who> --scopes predict`.",
+            "Create a key with `tuneloop keys create --name <who> --scopes predict`.",
             env.api_keys_path,
         )
     inference_log = InferenceLogWriter(
@@ -495,7 +494,7 @@ def create_gateway(
         inference_log=inference_log,
         labels=params.data.labels,
         settings=gateway,
-        drift_home=env.home_dir,
+        drift_summary_path=env.paths.drift_summary,
         default_top_k=params.serving.default_top_k,
         upstream_timeout_s=params.serving.request_timeout_s,
     )

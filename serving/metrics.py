@@ -2,15 +2,19 @@
 
 Each app gets its own ``CollectorRegistry`` (not prometheus_client's global one) so that several
 gateways in one process (tests, dev + prod) never clash. The drift job's latest result is exported
-here too, through the collector that :mod:`pipelines.monitor` offers, read at scrape time.
+here too: the job writes its summary with :func:`write_drift_summary`, :class:`DriftGaugeCollector`
+reads it at scrape time.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
+import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -103,19 +107,91 @@ class GatewayMetrics:
     def watch_inference_log(self, writer: InferenceLogWriter) -> None:
         self.registry.register(_InferenceLogCollector(writer))
 
-    def watch_drift(self, home_dir: Path) -> bool:
-        """Export the drift job's latest summary when :mod:`pipelines.monitor` offers its collector."""
-        try:
-            monitor = importlib.import_module("pipelines.monitor")
-        except Exception as error:  # a broken drift module must not keep the gateway from starting
-            log.error("drift gauges not exported: cannot import pipelines.monitor (%r)", error)
-            return False
-        collector_class = getattr(monitor, "DriftGaugeCollector", None)
-        if collector_class is None:
-            return False
-        self.registry.register(collector_class(monitor.monitoring_dir(home_dir) / "latest.json"))
-        return True
+    def watch_drift(self, summary_path: Path) -> None:
+        """Export the drift job's latest summary (written by another process) at every scrape."""
+        self.registry.register(DriftGaugeCollector(summary_path))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format Prometheus scrapes, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def write_drift_summary(summary: dict[str, Any], path: Path) -> Path:
+    """Atomically replace the drift job's latest summary, where :class:`DriftGaugeCollector` reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, suffix=".json", delete=False, encoding="utf-8"
+    ) as out:
+        json.dump(summary, out, indent=2, default=str)
+    Path(out.name).replace(path)
+    return path
+
+
+class DriftGaugeCollector:
+    """Prometheus collector of the latest drift summary, read at scrape time.
+
+    A
+    collector rather than gauges set by the job, because the job and the gateway are different
+    processes: the file is their interface, and a scrape always shows the newest result.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def describe(self) -> list:
+        return []  # no fixed description: the metrics exist only once a summary does
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import GaugeMetricFamily
+
+        if not self.path.exists():
+            return
+        try:
+            summary = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            log.warning("cannot read drift summary %s: %s", self.path, error)
+            return
+        detected = GaugeMetricFamily(
+            "tuneloop_drift_detected", "1 when the latest drift job flagged drift", labels=["kind"]
+        )
+        detected.add_metric(["data"], float(summary["data_drift"]["detected"]))
+        concept = summary.get("concept_drift")
+        detected.add_metric(["concept"], float(bool(concept and concept["detected"])))
+        yield detected
+        score = GaugeMetricFamily(
+            "tuneloop_drift_score",
+            "Drift score per signal: p-value, or ROC AUC for text",
+            labels=["signal", "method"],
+        )
+        flagged = GaugeMetricFamily(
+            "tuneloop_drift_signal_drifted", "1 when a signal drifted", labels=["signal"]
+        )
+        for name, signal in summary["data_drift"]["signals"].items():
+            if signal["score"] is not None:
+                score.add_metric([name, signal["method"]], float(signal["score"]))
+            flagged.add_metric([name], float(signal["drifted"]))
+        yield score
+        yield flagged
+        if concept:
+            quality = GaugeMetricFamily(
+                "tuneloop_drift_quality",
+                "Quality on labelled feedback vs reference",
+                labels=["metric", "which"],
+            )
+            for name, test in concept["tests"].items():
+                quality.add_metric([name, "reference"], float(test["reference"]))
+                quality.add_metric([name, "current"], float(test["current"]))
+            yield quality
+        window = GaugeMetricFamily(
+            "tuneloop_drift_window_rows", "Rows in the latest drift window", labels=["kind"]
+        )
+        window.add_metric(["predictions"], float(summary["n_current"]))
+        window.add_metric(["labelled"], float(summary["n_labelled"]))
+        yield window
+        if summary.get("finished_at"):
+            finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
+            yield GaugeMetricFamily(
+                "tuneloop_drift_last_run_timestamp_seconds",
+                "When the latest drift job finished",
+                value=finished,
+            )

@@ -19,17 +19,25 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from serving.inference import IntentClassifier, resolve_base_model
+from tuneloop.config import ServingParams
 
 ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base"
-DEFAULT_TOP_K = 3
 INPUT_EXAMPLE = pd.DataFrame({"text": ["where is my order?", "I want my money back for the broken lamp"]})
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "text")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"), ColSpec("string", "top_k")]),
-    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("batch_size", "long", 64)]),
-)
+
+def model_signature(serving: ServingParams) -> ModelSignature:
+    """Input, output and request params (defaults: ``serving.default_top_k`` and ``serving.batch_size``)."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"), ColSpec("string", "top_k")]),
+        params=ParamSchema(
+            [
+                ParamSpec("top_k", "long", serving.default_top_k),
+                ParamSpec("batch_size", "long", serving.batch_size),
+            ]
+        ),
+    )
 
 
 def pinned_requirements() -> list[str]:
@@ -56,14 +64,15 @@ class IntentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         base = context.artifacts.get(BASE_ARTIFACT)
         self.classifier = IntentClassifier.load(context.artifacts[ADAPTER_ARTIFACT], base=base)
+        self.defaults = dict(context.model_config or {})
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
         texts = [str(text) for text in model_input["text"].tolist()]
         predictions = self.classifier.predict(
             texts,
-            top_k=int(params.get("top_k", DEFAULT_TOP_K)),
-            batch_size=int(params.get("batch_size", 64)),
+            top_k=int(params.get("top_k", self.defaults["default_top_k"])),
+            batch_size=int(params.get("batch_size", self.defaults["batch_size"])),
         )
         return predictions_frame(predictions)
 
@@ -80,7 +89,7 @@ def model_artifacts(adapter_dir: Path, base: str) -> dict[str, str]:
     return artifacts
 
 
-def log_intent_model(adapter_dir: Path, base: str, name: str = "model") -> ModelInfo:
+def log_intent_model(adapter_dir: Path, base: str, serving: ServingParams, name: str = "model") -> ModelInfo:
     """Log the pyfunc into the active MLflow run and return its model info (URI, model id)."""
     import serving
 
@@ -90,7 +99,8 @@ def log_intent_model(adapter_dir: Path, base: str, name: str = "model") -> Model
         python_model=IntentPyfunc(),
         artifacts=artifacts,
         code_paths=[str(Path(serving.__file__).parent)],
-        signature=SIGNATURE,
+        signature=model_signature(serving),
+        model_config={"default_top_k": serving.default_top_k, "batch_size": serving.batch_size},
         input_example=INPUT_EXAMPLE,
         pip_requirements=pinned_requirements(),
         metadata={"base_model": base, "base_bundled": BASE_ARTIFACT in artifacts},

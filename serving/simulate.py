@@ -22,18 +22,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from serving.auth import API_KEY_HEADER
+from tuneloop.paths import DRIFTED_SAMPLE, SAMPLE_DATA
 
 
 @dataclass(frozen=True)
 class Scenario:
-    source: str
+    source: Path
     feedback_share: float
 
 
 SCENARIOS = {
-    "stable": Scenario("data/sample/intents.csv", 0.5),
-    "data-drift": Scenario("data/sample/drifted.csv", 0.0),
-    "concept-drift": Scenario("data/sample/drifted.csv", 1.0),
+    "stable": Scenario(SAMPLE_DATA, 0.5),
+    "data-drift": Scenario(DRIFTED_SAMPLE, 0.0),
+    "concept-drift": Scenario(DRIFTED_SAMPLE, 1.0),
 }
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pipelines.config import ServingParams
 from serving.model_server import ModelServer, ModelServerFailed, wait_until_ready
 from serving.routing import Backend, BackendPool
+from tuneloop.config import ServingParams
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def registry_version_resolver(tracking_uri: str, model_name: str, alias: str) ->
     """Read which version ``alias`` points to now (None when the alias is not set)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import current_version
+    from tuneloop.tracking import current_version
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.config import load_params
 from pipelines.prepare import prepare
 from pipelines.validate import DataValidationError, build_validation_frame, run_suite, validate
+from tuneloop.config import load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = load_params(REPO_ROOT / "params.yaml")

@@ -2,48 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_repo_as_project, git
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def make_project(root: Path, tiny_base: Path) -> Path:
-    """A git copy of the repo set up for the tiny model, with `tuneloop init` done (data in the remote).
-
-    Like the `project` fixture in tests/conftest.py, but usable by module-scoped fixtures so that one
-    project (and its DVC cache) serves a whole module.
-    """
-
-    def tiny_orchestration_run(params: dict) -> None:
-        params["train"].update(
-            epochs=1, learning_rate=0.005, batch_size=32, max_length=32, max_train_examples=300
-        )
-        params["evaluate"]["counterfactual"]["max_examples"] = 20
-        # These tests are about orchestration, not model quality: gates the tiny model passes.
-        params["evaluate"]["gates"] = {
-            "min_accuracy": 0.0,
-            "min_macro_f1": 0.0,
-            "max_group_accuracy_gap": 1.0,
-            "max_counterfactual_flip_rate": 1.0,
-            "max_counterfactual_accuracy_gap": 1.0,
-            "max_expected_calibration_error": 1.0,
-        }
-        params["orchestration"].update(io_retries=2, io_retry_delays_s=[3])
-
-    copy_repo_as_project(root, tiny_base, tiny_orchestration_run)
-    init = subprocess.run(
-        [str(VENV_BIN / "tuneloop"), "init"], cwd=root, capture_output=True, text=True, env=None
-    )
-    assert init.returncode == 0, init.stdout + init.stderr
-    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "track data with DVC")
-    return root
+from tests.support import VENV_BIN, make_project
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.continuous_training import ARTIFACT_KEY, continuous_training
-from pipelines.config import Environment
-from pipelines.io import file_md5
+from tuneloop.config import Environment
+from tuneloop.io import file_md5
 
 pytestmark = pytest.mark.slow
 

@@ -31,10 +31,9 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from pipelines.promote import AUDIT_FILE
 from serving.model_server import free_port
-from tests.conftest import wait_for
-from tests.flows.conftest import VENV_BIN
+from tests.support import VENV_BIN, wait_for
+from tuneloop.paths import HomePaths
 
 pytestmark = pytest.mark.slow
 
@@ -245,7 +244,9 @@ def test_an_approval_set_through_the_mlflow_rest_api_is_promoted_to_prod_by_the_
     assert done[0].state.result()["promoted"] is True
     client = registry()
     assert str(client.get_model_version_by_alias("tuneloop-intent", "prod").version) == "1"
-    audit = [json.loads(line) for line in (module_env / "home" / AUDIT_FILE).read_text().splitlines()]
+    audit = [
+        json.loads(line) for line in (HomePaths(module_env / "home").registry_audit).read_text().splitlines()
+    ]
     assert len(audit) == 1, audit
     assert audit[0]["action"] == "promote" and audit[0]["to_version"] == "1"
     assert audit[0]["alias"] == "prod" and audit[0]["actor"] == "prefect:promote-to-prod"

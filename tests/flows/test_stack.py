@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from serving.model_server import free_port
-from tests.flows.conftest import VENV_BIN
+from tests.support import VENV_BIN
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pipelines.prepare import prepare
 from pipelines.train import train
 from pipelines.validate import build_validation_frame, run_suite
 from serving.inference import IntentClassifier
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 
 pytestmark = [
     pytest.mark.slow,

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import Environment
-from pipelines.io import file_md5
-from tests.conftest import run_cli
+from tests.support import run_cli
+from tuneloop.config import Environment
+from tuneloop.io import file_md5
 
 pytestmark = pytest.mark.slow
 

@@ -23,21 +23,22 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from pipelines.config import GatewayParams, load_params
 from serving.auth import ApiKeyStore, Authenticator, JwtSettings, JwtVerifier, create_api_key
 from serving.gateway import create_app
 from serving.inference_log import InferenceLogWriter, read_window
 from serving.model_server import free_port, start_model_server, wait_until_ready
 from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK
 from serving.routing import Backend, BackendPool
-from tests.conftest import (
+from tests.support import (
     REPO_ROOT,
+    settings,
     sqlite_registry_with,
     train_tiny_adapter,
     two_label_slice,
     venv_env,
     wait_for,
 )
+from tuneloop.config import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +92,7 @@ def keys(tmp_path: Path) -> dict:
 
 
 def make_gateway(
-    model_server, keys: dict, db_url: str, drift_home: Path | None = None, **settings
+    model_server, keys: dict, db_url: str, drift_summary_path: Path | None = None, **limits
 ) -> tuple[TestClient, InferenceLogWriter]:
     pool = BackendPool(NAME, "prod")
     pool.switch(Backend("1", model_server.url))
@@ -107,10 +108,12 @@ def make_gateway(
         authenticator=authenticator,
         inference_log=writer,
         labels=LABELS,
-        settings=GatewayParams(
-            **({"max_text_chars": 200, "max_batch_size": 8, "max_body_bytes": 20_000} | settings)
+        settings=settings(
+            "gateway", **({"max_text_chars": 200, "max_batch_size": 8, "max_body_bytes": 20_000} | limits)
         ),
-        drift_home=drift_home,
+        drift_summary_path=drift_summary_path,
+        default_top_k=settings("serving").default_top_k,
+        upstream_timeout_s=settings("serving").request_timeout_s,
     )
     return TestClient(app, raise_server_exceptions=False), writer
 
@@ -370,9 +373,9 @@ def test_feedback_joins_the_logged_prediction(model_server, keys, db_url) -> Non
 
 def test_metrics_export_the_drift_jobs_latest_result(model_server, keys, db_url, tmp_path) -> None:
     """The drift job (another process) writes its summary; the gateway's /metrics reads it at scrape time."""
-    from pipelines.monitor import monitoring_dir, write_latest
+    from serving.metrics import write_drift_summary
 
-    client, _ = make_gateway(model_server, keys, db_url, drift_home=tmp_path)
+    client, _ = make_gateway(model_server, keys, db_url, drift_summary_path=tmp_path / "latest.json")
     admin = {"X-API-Key": keys["admin"]}
     with client:
         assert "tuneloop_drift_detected" not in client.get("/metrics", headers=admin).text
@@ -386,7 +389,7 @@ def test_metrics_export_the_drift_jobs_latest_result(model_server, keys, db_url,
             "n_labelled": 0,
             "finished_at": "2026-11-23T07:00:00+00:00",
         }
-        write_latest(summary, monitoring_dir(tmp_path) / "latest.json")
+        write_drift_summary(summary, tmp_path / "latest.json")
         metrics = client.get("/metrics", headers=admin).text
     assert 'tuneloop_drift_detected{kind="data"} 1.0' in metrics
     assert 'tuneloop_drift_score{method="roc_auc",signal="text"} 0.81' in metrics

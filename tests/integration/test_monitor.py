@@ -16,15 +16,15 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from pipelines.config import ModelParams, MonitoringParams, TrainParams, load_params
-from pipelines.monitor import Reference, adapter_predictor, build_reference, evaluate_window
+from monitoring.monitor import Reference, adapter_predictor, build_reference, evaluate_window
 from pipelines.prepare import prepare, write_prepared
 from pipelines.train import train
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT, settings
+from tuneloop.config import ModelParams, load_params
 
 LABELS = load_params(REPO_ROOT / "params.yaml").data.labels
 # Fewer bootstrap resamples than the default 1,000 keep the 20 windows quick; the test stays valid.
-PARAMS = MonitoringParams(quality_reference_split="val", bootstrap_samples=300)
+PARAMS = settings("monitoring", quality_reference_split="val", bootstrap_samples=300)
 WINDOWS, WINDOW_SIZE = 20, 200
 
 
@@ -42,7 +42,7 @@ def prepared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_adapter(prepared_dir, tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    params = TrainParams(epochs=2, learning_rate=0.005, batch_size=32, max_length=48, device="cpu")
+    params = settings("train", epochs=2, learning_rate=0.005, batch_size=32, max_length=48, device="cpu")
     train(
         pd.read_parquet(prepared_dir / "train.parquet"),
         pd.read_parquet(prepared_dir / "val.parquet"),

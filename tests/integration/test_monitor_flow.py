@@ -18,12 +18,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import Environment, ModelParams, TrainParams, load_params
-from pipelines.datastore import init_project, tracked_md5
-from pipelines.monitor import MONITORING_EXPERIMENT, adapter_predictor, inference_log_url
+from monitoring.monitor import MONITORING_EXPERIMENT, adapter_predictor
 from pipelines.prepare import prepare, write_prepared
 from pipelines.train import train
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT, settings
+from tuneloop.config import Environment, ModelParams, load_params
+from tuneloop.datastore import init_project, tracked_md5
 
 RAW_POINTER = "data/raw/intents.csv.dvc"
 
@@ -104,12 +104,12 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
         pd.read_parquet(prepared / "val.parquet"),
         params.data.labels,
         ModelParams(base=str(tiny_base)),
-        TrainParams(epochs=1, batch_size=64, max_length=32, device="cpu"),
+        settings("train", epochs=1, batch_size=64, max_length=32, device="cpu"),
         adapter,
     )
     assert monitor_drift(adapter_dir=str(adapter)) == {"skipped": "not enough traffic", "n_current": 0}
     drifted = pd.read_csv(REPO_ROOT / "data/sample/drifted.csv").sample(frac=1, random_state=0)
-    log_drifted_traffic(inference_log_url(env.home_dir), adapter, drifted.iloc[:200], first_id=0)
+    log_drifted_traffic(env.inference_log_url, adapter, drifted.iloc[:200], first_id=0)
     continuous_training.to_deployment(name="nightly").apply()
 
     result = monitor_drift(adapter_dir=str(adapter))
@@ -143,7 +143,7 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     assert client.get_run(result["mlflow_run_id"]).info.experiment_id == experiment.experiment_id
 
     # New labelled traffic right after the trigger: enough to retrain, but inside the cool-down.
-    log_drifted_traffic(inference_log_url(env.home_dir), adapter, drifted.iloc[200:], first_id=200)
+    log_drifted_traffic(env.inference_log_url, adapter, drifted.iloc[200:], first_id=200)
     again = monitor_drift(adapter_dir=str(adapter))
     assert not again["decision"]["retrain"] and again["appended"] is None
     assert "cool-down" in again["decision"]["reasons"][-1]

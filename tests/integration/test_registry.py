@@ -23,21 +23,22 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from evaluation.gates import evaluate_gates
-from pipelines.config import RegistryParams
-from pipelines.promote import AUDIT_FILE, PromotionRefused, promote, rollback
-from pipelines.register import Lineage, register_candidate
+from registry.promote import PromotionRefused, promote, rollback
+from registry.register import Lineage, register_candidate
 from serving.inference import MANIFEST_FILE, IntentClassifier
 from serving.model_server import free_port
 from serving.pyfunc_model import model_artifacts
-from tests.conftest import (
+from tests.support import (
     TWO_LABELS,
     build_tiny_base,
     reversed_label_copy,
+    settings,
     train_tiny_adapter,
     two_label_slice,
     venv_env,
     wait_for,
 )
+from tuneloop.paths import HomePaths
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +123,13 @@ def adapters(work, data) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def ctx(server, work, data, adapters, tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("tuneloop-home")
-    return {"url": server, "audit": home / AUDIT_FILE, "versions": {}, "work": work, "data": data}
+    return {
+        "url": server,
+        "audit": HomePaths(home).registry_audit,
+        "versions": {},
+        "work": work,
+        "data": data,
+    }
 
 
 def candidate(ctx: dict, adapter: str, gates: dict, metrics: dict, copy_name: str):
@@ -142,7 +149,8 @@ def candidate(ctx: dict, adapter: str, gates: dict, metrics: dict, copy_name: st
         gates,
         BIAS,
         LINEAGE,
-        RegistryParams(model_name=NAME),
+        settings("registry", model_name=NAME),
+        settings("serving"),
     )
 
 
@@ -414,7 +422,7 @@ def test_a_local_base_is_bundled_and_a_hub_id_is_not(tmp_path):
 
 
 def test_cli_promote_refuses_with_exit_2_and_rollback_moves_prod(ctx, tmp_path, monkeypatch, capsys):
-    from flows.cli import main as cli_main
+    from tuneloop.cli import main as cli_main
 
     (tmp_path / "params.yaml").write_text(
         (REPO_ROOT / "params.yaml").read_text().replace("tuneloop-intent", NAME)
@@ -434,7 +442,7 @@ def test_status_command_shows_each_alias(ctx, tmp_path):
         (REPO_ROOT / "params.yaml").read_text().replace("tuneloop-intent", NAME)
     )
     completed = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "status"],
+        [sys.executable, "-m", "tuneloop.cli", "status"],
         cwd=tmp_path,
         env=venv_env(TUNELOOP_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO_ROOT)),
         capture_output=True,
@@ -447,10 +455,10 @@ def test_status_command_shows_each_alias(ctx, tmp_path):
     assert f"{NAME}@dev: v{ctx['versions']['same']}" in completed.stdout
 
 
-def test_register_main_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
-    """`python -m pipelines.register` from the files `prepare`/`train`/`evaluate` leave behind."""
-    from pipelines.io import write_json
-    from pipelines.register import main as register_main
+def test_register_command_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
+    """`tuneloop register` from the files the stages leave behind; a second call is a no-op."""
+    from tuneloop.cli import main as cli_main
+    from tuneloop.io import file_md5, write_json
 
     adapter_dir = tmp_path / "models/adapter"
     shutil.copytree(ctx["work"] / "good", adapter_dir)
@@ -473,11 +481,16 @@ def test_register_main_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "home"))
 
-    register_main([])
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert cli_main(["register"]) == 0
 
     version = aliases(ctx)["dev"]
     assert version not in ctx["versions"].values()
     tags = version_tags(ctx, version)
-    assert tags["tuneloop.data_md5"] == "cafe0001" and tags["tuneloop.dvc_lock_md5"] == "absent"
+    assert tags["tuneloop.data_md5"] == "cafe0001"
+    assert tags["tuneloop.dvc_lock_md5"] == file_md5(tmp_path / "dvc.lock")
     assert tags["tuneloop.vs_prod.verdict"] == "no significant difference"
     assert MlflowClient().get_model_version(NAME, version).run_id == run.info.run_id
+    versions_before = len(MlflowClient().search_model_versions(f"name = '{NAME}'"))
+    assert cli_main(["register"]) == 0  # the same training run again: reported, not registered twice
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == versions_before

@@ -26,7 +26,7 @@ from serving.auth import create_api_key
 from serving.inference import LABELS_FILE
 from serving.inference_log import read_window
 from serving.model_server import free_port
-from tests.conftest import (
+from tests.support import (
     REPO_ROOT,
     reversed_label_copy,
     sqlite_registry_with,

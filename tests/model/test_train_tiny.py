@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import ModelParams, TrainParams
 from pipelines.train import train
 from serving.inference import IntentClassifier
+from tests.support import settings
+from tuneloop.config import ModelParams
 
 LABELS = ("cancel_order", "check_order_status")
 ONE_BATCH = pd.DataFrame(
@@ -39,7 +40,8 @@ ONE_BATCH = pd.DataFrame(
 @pytest.fixture(scope="module")
 def overfit(tiny_base, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("adapter")
-    params = TrainParams(
+    params = settings(
+        "train",
         epochs=30,
         learning_rate=0.01,
         batch_size=16,

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
-from pipelines.config import Environment
 from serving.auth import (
     ApiKeyStore,
     Authenticator,
@@ -24,9 +23,10 @@ from serving.auth import (
     authenticator_from_environment,
     create_api_key,
     list_api_keys,
-    main,
     revoke_api_key,
 )
+from tuneloop.cli import main
+from tuneloop.config import Environment
 
 ISSUER = "https://idp.example.test/"
 AUDIENCE = "tuneloop-gateway"
@@ -223,7 +223,9 @@ def test_hs256_secret_from_environment(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_cli_prints_the_key_once_and_it_works(keys_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        main(["--keys-file", str(keys_path), "create-key", "--name", "ci", "--scopes", "predict,feedback"])
+        main(
+            ["keys", "--keys-file", str(keys_path), "create", "--name", "ci", "--scopes", "predict,feedback"]
+        )
         == 0
     )
     key = capsys.readouterr().out.strip()
@@ -231,12 +233,22 @@ def test_cli_prints_the_key_once_and_it_works(keys_path: Path, capsys: pytest.Ca
     assert principal.scopes == {"predict", "feedback"}
     assert (
         main(
-            ["--keys-file", str(keys_path), "create-key", "--name", "sim", "--scopes", "predict", "feedback"]
+            [
+                "keys",
+                "--keys-file",
+                str(keys_path),
+                "create",
+                "--name",
+                "sim",
+                "--scopes",
+                "predict",
+                "feedback",
+            ]
         )
         == 0
     )
     assert ApiKeyStore(keys_path).verify(capsys.readouterr().out.strip()).scopes == {"predict", "feedback"}
-    main(["--keys-file", str(keys_path), "list-keys"])
+    main(["keys", "--keys-file", str(keys_path), "list"])
     listed = capsys.readouterr().out
     assert key not in listed and principal.subject in listed
 

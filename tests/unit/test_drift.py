@@ -22,16 +22,15 @@ from evaluation.drift import (
     window_test_count,
     words,
 )
-from pipelines.config import DataParams, MonitoringParams
-from pipelines.monitor import (
-    DriftGaugeCollector,
+from monitoring.monitor import (
     latest_version_rows,
     new_labelled_examples,
     should_retrain,
-    write_latest,
 )
+from serving.metrics import DriftGaugeCollector, write_drift_summary
+from tests.support import settings
 
-PARAMS = MonitoringParams()
+PARAMS = settings("monitoring")
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
@@ -159,8 +158,12 @@ def test_cool_down_blocks_then_expires():
 
 # ------------------------------------------------------------------------------------------- feedback
 
-DATA = DataParams(
-    raw_path="data/raw/intents.csv", label_column="intent", group_columns=("channel",), labels=("a", "b")
+DATA = settings(
+    "data",
+    raw_path="data/raw/intents.csv",
+    label_column="intent",
+    group_columns=("channel",),
+    labels=("a", "b"),
 )
 
 
@@ -194,7 +197,7 @@ def test_gauge_collector_exports_the_latest_summary(tmp_path):
     path = tmp_path / "latest.json"
     registry.register(DriftGaugeCollector(path))
     assert b"tuneloop_drift" not in generate_latest(registry)  # nothing before the first run
-    write_latest(
+    write_drift_summary(
         {
             "n_current": 300,
             "n_labelled": 120,

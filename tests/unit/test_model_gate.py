@@ -1,4 +1,4 @@
-"""The merge gate (pipelines/model_gate.py): verdicts on metric drops and promotion gates, and the report."""
+"""The merge gate (registry/model_gate.py): verdicts on metric drops and promotion gates, and the report."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evaluation.gates import evaluate_gates
-from pipelines.model_gate import COMMENT_MARKER, judge, render_markdown
+from registry.model_gate import COMMENT_MARKER, judge, render_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCES = {"quality/accuracy": 0.02, "quality/macro_f1": 0.02, "quality/expected_calibration_error": 0.03}
@@ -111,9 +111,10 @@ def run_gate(folder: Path, head: dict[str, float]) -> tuple[subprocess.Completed
         [
             sys.executable,
             "-m",
-            "pipelines.model_gate",
+            "tuneloop.cli",
+            *("--params", str(folder / "params.yaml"), "model-gate"),
             *("--base-metrics-dir", str(folder / "base"), "--head-metrics-dir", str(head_dir)),
-            *("--params", str(folder / "params.yaml"), "--base-label", "origin/main"),
+            *("--base-label", "origin/main"),
             *(
                 "--metrics-diff",
                 str(folder / "metrics-diff.md"),

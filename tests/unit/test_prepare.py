@@ -1,10 +1,12 @@
 import pandas as pd
 import pytest
 
-from pipelines.config import DataParams
-from pipelines.prepare import map_columns, normalise_whitespace, split_stratified
+from pipelines.prepare import map_columns, split_stratified
+from tests.support import settings
+from tuneloop.text import normalise_whitespace
 
-DATA = DataParams(
+DATA = settings(
+    "data",
     raw_path="x.csv",
     text_column="utterance",
     label_column="intent",

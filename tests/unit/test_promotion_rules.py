@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.promote import VersionFacts, promotion_refusals, rollback_refusals
-from pipelines.register import compare_with_prod, dev_decision, metric_tags, metrics_from_tags
+from registry.promote import VersionFacts, promotion_refusals, rollback_refusals
+from registry.register import compare_with_prod, dev_decision, metric_tags, metrics_from_tags
 
 GOOD_METRICS = {"quality/accuracy": 0.9, "quality/macro_f1": 0.88}
 GOOD_TAGS = {

@@ -10,10 +10,10 @@ import asyncio
 
 import pytest
 
-from pipelines.config import ServingParams
 from serving.model_server import ModelServerFailed, check_warmup_answer
 from serving.routing import Backend, BackendPool, NoBackend
 from serving.supervisor import AliasSupervisor
+from tests.support import settings
 
 
 def run(coroutine):
@@ -90,8 +90,8 @@ def test_a_version_that_fails_to_start_is_not_retried_until_the_backoff_passes()
     async def scenario():
         pool = BackendPool("m", "prod")
         pool.switch(Backend("1", "http://old"))
-        settings = ServingParams(retry_failed_after_s=3600)
-        supervisor = AliasSupervisor(pool, lambda: "2", failing_launch, settings)
+        serving = settings("serving", retry_failed_after_s=3600)
+        supervisor = AliasSupervisor(pool, lambda: "2", failing_launch, serving)
         first = await supervisor.check_once()
         second = await supervisor.check_once()
         return pool, first, second, supervisor
@@ -108,7 +108,7 @@ def test_an_unset_alias_keeps_what_is_served():
     async def scenario():
         pool = BackendPool("m", "prod")
         pool.switch(Backend("1", "http://old"))
-        supervisor = AliasSupervisor(pool, lambda: None, lambda version: None, ServingParams())
+        supervisor = AliasSupervisor(pool, lambda: None, lambda version: None, settings("serving"))
         return pool, await supervisor.check_once()
 
     pool, outcome = run(scenario())

@@ -7,16 +7,13 @@ laptop and .github/workflows/model-gate.yml judge alike. Reads files only; runs 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evaluation.gates import GATE_METRICS
-from pipelines.config import load_params
 
 # Lets the workflow find and update its own earlier pull-request comment instead of adding another.
 COMMENT_MARKER = "<!-- tuneloop-model-gate -->"
@@ -190,41 +187,27 @@ def _read_text(path: Path | None) -> str | None:
     return path.read_text(encoding="utf-8") if path is not None and path.is_file() else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--base-metrics-dir", type=Path, required=True, help="the base branch's metrics/")
-    parser.add_argument("--head-metrics-dir", type=Path, default=Path("metrics"))
-    parser.add_argument("--params", default="params.yaml", help="where model_gate.max_metric_drop is")
-    parser.add_argument("--base-label", default="the base branch", help="how the report names the base")
-    parser.add_argument("--metrics-diff", type=Path, help="`dvc metrics diff --md` output to include")
-    parser.add_argument("--params-diff", type=Path, help="`dvc params diff --md` output to include")
-    parser.add_argument("--markdown-out", type=Path, help="write the report here (default: stdout)")
-    parser.add_argument("--step-summary", type=Path, help="also append it here ($GITHUB_STEP_SUMMARY)")
-    args = parser.parse_args(argv)
-
-    head_metrics, head_gates = read_metrics_dir(args.head_metrics_dir)
-    base_metrics, _ = read_metrics_dir(args.base_metrics_dir)
-    max_drop = load_params(args.params).model_gate.max_metric_drop
+def run_model_gate(
+    head_metrics_dir: Path,
+    base_metrics_dir: Path,
+    max_drop: dict[str, float],
+    base_label: str,
+    metrics_diff: Path | None = None,
+    params_diff: Path | None = None,
+    markdown_out: Path | None = None,
+    step_summary: Path | None = None,
+) -> GateVerdict:
+    """Judge the head metrics against the base's and write the Markdown report where asked."""
+    head_metrics, head_gates = read_metrics_dir(head_metrics_dir)
+    base_metrics, _ = read_metrics_dir(base_metrics_dir)
     verdict = judge(head_metrics, head_gates, base_metrics, max_drop)
-    report = render_markdown(
-        verdict, args.base_label, _read_text(args.metrics_diff), _read_text(args.params_diff)
-    )
-    if args.markdown_out is None:
+    report = render_markdown(verdict, base_label, _read_text(metrics_diff), _read_text(params_diff))
+    if markdown_out is None:
         print(report)
     else:
-        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown_out.write_text(report, encoding="utf-8")
-    if args.step_summary is not None:
-        with args.step_summary.open("a", encoding="utf-8") as summary:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(report, encoding="utf-8")
+    if step_summary is not None:
+        with step_summary.open("a", encoding="utf-8") as summary:
             summary.write(report)
-    if verdict.passed:
-        print(f"model gate passed against {args.base_label}")
-        return 0
-    print(f"model gate FAILED against {args.base_label}:", *verdict.reasons, sep="\n  ", file=sys.stderr)
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return verdict

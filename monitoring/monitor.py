@@ -3,20 +3,17 @@
 Plain functions with typed inputs; the Prefect flow (``flows/monitor_drift.py``) and ``main()`` are
 thin adapters. What it writes: the Evidently HTML reports and the JSON summary to MLflow (experiment
 ``monitoring``), the latest summary to ``<TUNELOOP_HOME>/monitoring/latest.json`` (read by the
-gateway's ``/metrics`` through :class:`DriftGaugeCollector`), and, when retraining is decided, the
-labelled feedback appended to the raw data as a new DVC data version.
+gateway's ``/metrics`` through :class:`serving.metrics.DriftGaugeCollector`), and, when retraining is
+decided, the labelled feedback appended to the raw data as a new DVC data version.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
-import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,10 +22,11 @@ from typing import Any
 import pandas as pd
 
 from evaluation.drift import PREDICTED, TEXT, TRUE_LABEL, DriftResult, detect_drift, document_frequencies
-from pipelines.config import DataParams, Environment, MonitoringParams, load_params
-from pipelines.datastore import add_and_push, tracked_md5
-from pipelines.io import file_md5, read_json, read_table, write_json
-from pipelines.prepare import fold_text, normalise_whitespace
+from serving.metrics import write_drift_summary
+from tuneloop.config import DataParams, Environment, MonitoringParams, load_params
+from tuneloop.datastore import add_and_push, tracked_md5
+from tuneloop.io import file_md5, read_json, read_table, write_json
+from tuneloop.text import fold_text, normalise_whitespace
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +34,6 @@ MONITORING_EXPERIMENT = "monitoring"
 LOG_COLUMNS = ("request_id", "item_index", "created_at", "model_name", "model_version", "text", "label")
 # texts -> frame with `label` and `score`, one row per text, in order.
 Predictor = Callable[[Sequence[str]], pd.DataFrame]
-
-
-def inference_log_url(home_dir: Path) -> str:
-    """``TUNELOOP_INFERENCE_LOG_URL``, by default a SQLite file in TUNELOOP_HOME (same as the gateway)."""
-    return os.environ.get("TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{home_dir / 'inference_log.db'}")
-
-
-def monitoring_dir(home_dir: Path) -> Path:
-    return home_dir / "monitoring"
 
 
 def read_log(db_url: str, *, last_n: int | None = None, since: datetime | None = None) -> pd.DataFrame:
@@ -328,7 +317,7 @@ def log_to_mlflow(result: DriftResult, env: Environment, tags: dict[str, str]) -
     """Log the reports and summary as a run of the ``monitoring`` experiment; returns the run id."""
     import mlflow
 
-    from pipelines.tracking import use_experiment
+    from tuneloop.tracking import use_experiment
 
     use_experiment(env.model_copy(update={"experiment_name": MONITORING_EXPERIMENT}))
     with mlflow.start_run(run_name="drift", tags=tags) as run, tempfile.TemporaryDirectory() as folder:
@@ -367,87 +356,6 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
             for key in ("reference", "current", "drop", "p_value"):
                 metrics[f"concept/{name}_{key}"] = float(test[key])
     return metrics
-
-
-def write_latest(summary: dict[str, Any], path: Path) -> Path:
-    """The newest summary, where the gateway's metrics collector reads it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".json", delete=False, encoding="utf-8"
-    ) as out:
-        json.dump(summary, out, indent=2, default=str)
-    Path(out.name).replace(path)
-    return path
-
-
-class DriftGaugeCollector:
-    """Prometheus collector of the latest drift summary, read at scrape time.
-
-    Register it on the gateway's registry: ``registry.register(DriftGaugeCollector(path))``. A
-    collector rather than gauges set by the job, because the job and the gateway are different
-    processes: the file is their interface, and a scrape always shows the newest result.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def describe(self) -> list:
-        return []  # no fixed description: the metrics exist only once a summary does
-
-    def collect(self) -> Iterator:
-        from prometheus_client.core import GaugeMetricFamily
-
-        if not self.path.exists():
-            return
-        try:
-            summary = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            log.warning("cannot read drift summary %s: %s", self.path, error)
-            return
-        detected = GaugeMetricFamily(
-            "tuneloop_drift_detected", "1 when the latest drift job flagged drift", labels=["kind"]
-        )
-        detected.add_metric(["data"], float(summary["data_drift"]["detected"]))
-        concept = summary.get("concept_drift")
-        detected.add_metric(["concept"], float(bool(concept and concept["detected"])))
-        yield detected
-        score = GaugeMetricFamily(
-            "tuneloop_drift_score",
-            "Drift score per signal: p-value, or ROC AUC for text",
-            labels=["signal", "method"],
-        )
-        flagged = GaugeMetricFamily(
-            "tuneloop_drift_signal_drifted", "1 when a signal drifted", labels=["signal"]
-        )
-        for name, signal in summary["data_drift"]["signals"].items():
-            if signal["score"] is not None:
-                score.add_metric([name, signal["method"]], float(signal["score"]))
-            flagged.add_metric([name], float(signal["drifted"]))
-        yield score
-        yield flagged
-        if concept:
-            quality = GaugeMetricFamily(
-                "tuneloop_drift_quality",
-                "Quality on labelled feedback vs reference",
-                labels=["metric", "which"],
-            )
-            for name, test in concept["tests"].items():
-                quality.add_metric([name, "reference"], float(test["reference"]))
-                quality.add_metric([name, "current"], float(test["current"]))
-            yield quality
-        window = GaugeMetricFamily(
-            "tuneloop_drift_window_rows", "Rows in the latest drift window", labels=["kind"]
-        )
-        window.add_metric(["predictions"], float(summary["n_current"]))
-        window.add_metric(["labelled"], float(summary["n_labelled"]))
-        yield window
-        if summary.get("finished_at"):
-            finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
-            yield GaugeMetricFamily(
-                "tuneloop_drift_last_run_timestamp_seconds",
-                "When the latest drift job finished",
-                value=finished,
-            )
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -556,8 +464,8 @@ def run_monitor(
     if log_mlflow:
         run_id = log_to_mlflow(result, env, {"model_version": str(result.summary.get("model_version", ""))})
         result.summary["mlflow_run_id"] = run_id
-    write_latest(result.summary, monitoring_dir(env.home_dir) / "latest.json")
-    state_path = monitoring_dir(env.home_dir) / "state.json"
+    write_drift_summary(result.summary, env.paths.drift_summary)
+    state_path = env.paths.monitor_state
     if append:
         decision, appended = decide_and_append(
             result.summary, labelled_log, env.project_dir, params.data, params.monitoring, state_path, now
@@ -577,37 +485,46 @@ def run_monitor(
     return MonitorOutcome(result.summary, decision, run_id, appended)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """One drift check from the command line (the Prefect flow ``monitor-drift`` is the scheduled way)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default="data/prepared")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--adapter-dir", type=Path, help="a local adapter folder instead of the registry")
-    source.add_argument("--model-uri", help="default: models:/<registry.model_name>/<version in the window>")
-    parser.add_argument("--no-append", action="store_true", help="decide, but never touch the raw data")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    env = Environment.from_env()
-    params = load_params(args.params)
-    db_url = inference_log_url(env.home_dir)
-    window = read_log(db_url, last_n=params.monitoring.window_size)
+@dataclass(frozen=True)
+class NotEnoughTraffic:
+    """The window held fewer predictions than ``monitoring.min_window_size``: nothing was judged."""
+
+    n_current: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"skipped": "not enough traffic", "n_current": self.n_current}
+
+
+def monitor_once(
+    env: Environment,
+    params_path: Path,
+    prepared_dir: Path,
+    *,
+    model_uri: str | None = None,
+    adapter_dir: Path | None = None,
+    append: bool = True,
+    now: datetime | None = None,
+) -> MonitorOutcome | NotEnoughTraffic:
+    """One drift check, the step behind `tuneloop monitor` and the `monitor-drift` flow.
+
+    Reads the newest window and the recent feedback from the inference log, builds (or reuses) the
+    reference with the model that answered the window (or ``model_uri`` / ``adapter_dir``), then runs
+    :func:`run_monitor`.
+    """
+    params = load_params(params_path)
+    window = read_log(env.inference_log_url, last_n=params.monitoring.window_size)
+    if len(latest_version_rows(window)) < params.monitoring.min_window_size:
+        log.info(
+            "%d predictions in the log, fewer than monitoring.min_window_size (%d): nothing to judge yet",
+            len(window),
+            params.monitoring.min_window_size,
+        )
+        return NotEnoughTraffic(len(window))
     lookback = timedelta(hours=params.monitoring.feedback_lookback_hours)
-    labelled_log = labelled_rows(db_url, datetime.now(UTC) - lookback)
-    model_uri = args.model_uri or window_model_uri(window, params.registry.model_name)
-    model_id, predictor = model_identity(
-        None if args.adapter_dir else model_uri, args.adapter_dir, env.tracking_uri
-    )
+    labelled_log = labelled_rows(env.inference_log_url, (now or datetime.now(UTC)) - lookback)
+    uri = None if adapter_dir else (model_uri or window_model_uri(window, params.registry.model_name))
+    model_id, predictor = model_identity(uri, adapter_dir, env.tracking_uri)
     reference = build_reference(
-        predictor,
-        Path(args.prepared_dir),
-        params.monitoring,
-        model_id,
-        monitoring_dir(env.home_dir) / "reference",
+        predictor, Path(prepared_dir), params.monitoring, model_id, env.paths.reference_cache
     )
-    outcome = run_monitor(window, labelled_log, reference, env, Path(args.params), append=not args.no_append)
-    print(json.dumps(outcome.as_dict()["decision"]))
-
-
-if __name__ == "__main__":
-    main()
+    return run_monitor(window, labelled_log, reference, env, Path(params_path), append=append, now=now)

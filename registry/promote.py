@@ -8,7 +8,6 @@ promotions cannot leave the aliases pointing at an inconsistent pair.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import logging
@@ -20,13 +19,10 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from evaluation.gates import GATE_METRICS, evaluate_gates
-from pipelines.config import Environment, load_params
-from pipelines.register import DEV_ALIAS, PROD_ALIAS, current_version, metrics_from_tags
-from pipelines.tracking import use_experiment
+from registry.register import DEV_ALIAS, PROD_ALIAS, current_version, metrics_from_tags
 
 log = logging.getLogger(__name__)
 
-AUDIT_FILE = "registry_audit.jsonl"
 LOCK_TIMEOUT_SECONDS = 120
 
 
@@ -242,34 +238,3 @@ def registry_status(client: MlflowClient, name: str, aliases: tuple[str, ...] | 
             "run_id": mv.run_id,
         }
     return status
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--to", default=PROD_ALIAS)
-    parser.add_argument("--version", default=None)
-    parser.add_argument("--reason", default="")
-    parser.add_argument("--rollback", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    env = Environment.from_env()
-    use_experiment(env)
-    audit_path = env.home_dir / AUDIT_FILE
-    if args.rollback:
-        rollback(MlflowClient(), params.registry.model_name, audit_path, to=args.to, reason=args.reason)
-    else:
-        promote(
-            MlflowClient(),
-            params.registry.model_name,
-            audit_path,
-            to=args.to,
-            version=args.version,
-            reason=args.reason,
-            gate_thresholds=params.evaluate.gates.model_dump(),
-        )
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from dvc.repo import Repo
 
-from pipelines.io import file_md5
+from tuneloop.io import file_md5
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import Environment
+from tuneloop.config import Environment
 
 
 def use_experiment(env: Environment) -> str:

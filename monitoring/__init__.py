@@ -1,0 +1,1 @@
+"""The drift monitor: reference set, windows of the inference log, decision, feedback folded into data."""

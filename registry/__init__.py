@@ -1,0 +1,1 @@
+"""Registry operations: register a candidate, compare it with prod, promote, roll back, audit, reproduce."""

