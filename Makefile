@@ -6,13 +6,20 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test test-fast lint typecheck format repro pull dvc-remote model-gate dist clean
+.PHONY: help setup run test test-fast lint typecheck format repro pull dvc-remote model-gate dist clean
 
 $(BIN)/tuneloop: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+## help: list these targets with what each does (from their `## target: text` comments)
+help:
+	@awk '/^## [A-Za-z0-9_.-]+:/ { name = $$2; sub(/:$$/, "", name); text = $$0; \
+			sub(/^## [^:]+: */, "", text); printf "  %-12s %s\n", name, text; next } \
+		/^##   / && name != "" { text = $$0; sub(/^## +/, "", text); printf "  %-12s %s\n", "", text; next } \
+		{ name = "" }' $(firstword $(MAKEFILE_LIST))
 
 ## setup: create .venv and install tuneloop with its pinned dependencies
 setup: $(BIN)/tuneloop
@@ -40,9 +47,9 @@ lint: setup
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/pre-commit validate-config .pre-commit-config.yaml
 
-## typecheck: mypy where types pay: the promotion gates and the merge gate (pure logic, no torch)
+## typecheck: mypy on every package, as [tool.mypy] in pyproject.toml configures it
 typecheck: setup
-	$(BIN)/mypy --ignore-missing-imports --follow-imports=silent evaluation/gates.py registry/model_gate.py
+	$(BIN)/mypy
 
 ## pull: fetch the DVC-tracked data (and stage outputs already pushed) from the default remote
 pull: setup
@@ -91,9 +98,14 @@ dist: setup
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
 
+## format: rewrite the code into ruff's format and apply ruff's safe fixes
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Git-ignored files only (-X): metrics/ and plots/ hold committed results next to ignored outputs.
+CLEAN_PATHS := .tuneloop data/prepared models reports metrics plots .pytest_cache .mypy_cache .ruff_cache
+
+## clean: delete pipeline outputs, runtime state and caches that git ignores; tracked files stay
 clean:
-	rm -rf .tuneloop data/prepared models reports metrics plots .pytest_cache
+	git clean -fdX -- $(CLEAN_PATHS)

@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
 
     env = Environment.from_env()
     use_experiment(env.model_copy(update={"experiment_name": "tuneloop-banking77"}))
+
+    def log_epoch(row: dict) -> None:
+        mlflow.log_metrics(
+            {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None},
+            step=int(round(row["epoch"])),
+        )
+
     with mlflow.start_run(run_name="banking77") as run:
         mlflow.log_params(
             flatten("", {"train": params.train.model_dump(), "model": params.model.model_dump()})
@@ -87,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             params.model,
             params.train,
             args.work_dir / "adapter",
-            on_epoch=lambda row: mlflow.log_metrics(
-                {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None},
-                step=int(round(row["epoch"])),
-            ),
+            on_epoch=log_epoch,
         )
         classifier = IntentClassifier.load(args.work_dir / "adapter", device=params.train.device)
         evaluation = evaluate(classifier, prepared.splits["test"], (), params.evaluate)

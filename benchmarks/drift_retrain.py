@@ -51,6 +51,7 @@ from pipelines.prepare import prepare, write_prepared
 from tuneloop.config import Environment, MonitoringParams, load_params
 from tuneloop.datastore import init_project
 from tuneloop.io import write_json
+from tuneloop.paths import HomePaths
 
 log = logging.getLogger("benchmarks.drift_retrain")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -323,12 +324,17 @@ def main(argv: list[str] | None = None) -> None:
         "old-prod",
     )
     project = work / "project"
-    env = Environment(
-        project_dir=project,
-        home_dir=home,
-        tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
-        experiment_name="tuneloop",
-        dvc_remote_url=str(work / "dvc-remote"),
+    # The environment's defaults (ports, gateway URLs, ...), with everything stateful in the work folder.
+    home_paths = HomePaths(home)
+    env = Environment.from_env(project).model_copy(
+        update={
+            "home_dir": home,
+            "tracking_uri": f"sqlite:///{home_paths.mlflow_db}",
+            "experiment_name": "tuneloop",
+            "dvc_remote_url": str(work / "dvc-remote"),
+            "inference_log_url": f"sqlite:///{home_paths.inference_log_db}",
+            "api_keys_path": home_paths.api_keys,
+        }
     )
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
     if args.reuse_training:

@@ -155,6 +155,8 @@ def run_one(size: int, seed: int) -> dict:
         mark = time.perf_counter()
         result = evaluate_window(window, reference, params.data.labels, monitoring)
         phases["drift_summary"] = time.perf_counter() - mark
+        if result.quality_report is None:
+            raise RuntimeError("the synthesised log has feedback, yet the job made no quality report")
         mark = time.perf_counter()
         for report in (result.data_report, result.prediction_report, result.quality_report):
             report.save_html(str(Path(folder) / f"{uuid.uuid4().hex}.html"))

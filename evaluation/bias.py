@@ -9,12 +9,14 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 from sklearn.metrics import accuracy_score, f1_score
 
+from evaluation.quality import LabelIds
+
 
 def _macro_f1(y_true, y_pred) -> float:
     return f1_score(y_true, y_pred, average="macro", zero_division=0)
 
 
-def group_metrics(y_true: Sequence[int], y_pred: Sequence[int], groups: pd.DataFrame) -> dict[str, dict]:
+def group_metrics(y_true: LabelIds, y_pred: LabelIds, groups: pd.DataFrame) -> dict[str, dict]:
     """Per-group accuracy and macro-F1 for each group column, with the largest gap between groups."""
     report = {}
     for column in groups.columns:
@@ -46,7 +48,7 @@ def insert_identity(text: str, phrase: str) -> str:
 
 def counterfactual_test(
     texts: Sequence[str],
-    y_true: Sequence[int],
+    y_true: LabelIds,
     attributes: Mapping[str, Sequence[str]],
     predict: Callable[[list[str]], np.ndarray],
 ) -> dict[str, dict]:
@@ -57,7 +59,7 @@ def counterfactual_test(
     largest accuracy gap between phrases of that attribute.
     """
     texts = list(texts)
-    y_true = np.asarray(y_true)
+    truth = np.asarray(y_true)
     original = np.asarray(predict(texts))
     phrases = [(attribute, phrase) for attribute, values in attributes.items() for phrase in values]
     perturbed = [insert_identity(text, phrase) for _, phrase in phrases for text in texts]
@@ -65,7 +67,7 @@ def counterfactual_test(
     report: dict[str, dict] = {}
     for attribute in attributes:
         rows = [i for i, (name, _) in enumerate(phrases) if name == attribute]
-        accuracy = {phrases[i][1]: float((predicted[i] == y_true).mean()) for i in rows}
+        accuracy = {phrases[i][1]: float((predicted[i] == truth).mean()) for i in rows}
         flips = predicted[rows] != original[None, :]
         report[attribute] = {
             "flip_rate": float(flips.mean()),
@@ -82,7 +84,7 @@ def counterfactual_test(
             ][:5],
         }
     report["overall"] = {
-        "original_accuracy": float((original == y_true).mean()),
+        "original_accuracy": float((original == truth).mean()),
         "flip_rate": float((predicted != original[None, :]).mean()),
         "max_accuracy_gap": float(max(report[a]["accuracy_gap"] for a in attributes)),
     }

@@ -1,22 +1,23 @@
-"""Figures people would rather look at than read: confusion matrix and training curves."""
+"""Figures people would rather look at than read: confusion matrix and training curves.
+
+Figures are built with matplotlib's object API, not pyplot: no GUI backend to choose at import, and no
+global figure registry that keeps every figure alive. ``Figure.savefig`` renders with Agg.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def confusion_matrix_figure(matrix: np.ndarray, label_names: Sequence[str]) -> Figure:
     """Row-normalised confusion matrix; counts are written in the cells when the matrix is small."""
     n = len(label_names)
     size = max(6.0, 0.35 * n + 3)
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axes = figure.subplots()
     row_sums = matrix.sum(axis=1, keepdims=True).clip(min=1)
     image = axes.imshow(matrix / row_sums, cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(n), label_names, rotation=90, fontsize=7 if n > 30 else 9)
@@ -29,7 +30,9 @@ def confusion_matrix_figure(matrix: np.ndarray, label_names: Sequence[str]) -> F
             for j in range(n):
                 if matrix[i, j]:
                     colour = "white" if matrix[i, j] / row_sums[i, 0] > 0.5 else "black"
-                    axes.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=colour)
+                    axes.text(
+                        j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7, color=colour
+                    )
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.tight_layout()
     return figure
@@ -38,7 +41,8 @@ def confusion_matrix_figure(matrix: np.ndarray, label_names: Sequence[str]) -> F
 def training_curves_figure(history: Sequence[dict]) -> Figure:
     """Training loss and validation metrics per epoch."""
     epochs = [row["epoch"] for row in history]
-    figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    loss_axes, metric_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, [row.get("train_loss") for row in history], marker="o", label="train loss")
     loss_axes.plot(epochs, [row.get("val_loss") for row in history], marker="o", label="validation loss")
     loss_axes.set_xlabel("epoch")

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+# Label ids, one per example: a list, or the 1-d integer array a model's argmax gives.
+LabelIds = Sequence[int] | np.ndarray
 
-def headline_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+
+def headline_metrics(y_true: LabelIds, y_pred: LabelIds) -> dict[str, float]:
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
@@ -16,7 +19,7 @@ def headline_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, 
 
 
 def per_class_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]
+    y_true: LabelIds, y_pred: LabelIds, label_names: Sequence[str]
 ) -> dict[str, dict[str, float]]:
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=list(range(len(label_names))), zero_division=0
@@ -32,11 +35,11 @@ def per_class_metrics(
     }
 
 
-def confusion(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> np.ndarray:
+def confusion(y_true: LabelIds, y_pred: LabelIds, n_labels: int) -> np.ndarray:
     return confusion_matrix(y_true, y_pred, labels=list(range(n_labels)))
 
 
-def expected_calibration_error(probabilities: np.ndarray, y_true: Sequence[int], n_bins: int = 15) -> float:
+def expected_calibration_error(probabilities: np.ndarray, y_true: LabelIds, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins.
 
     Written by hand: scikit-learn offers only the binary calibration curve, and the torchmetrics

@@ -9,6 +9,7 @@ logged and the poll ends normally: it is an answer, not a failure.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -81,7 +82,10 @@ def promote_to_prod(project_dir: str | None = None, to: str = PROD_ALIAS) -> dic
     params_path = env.project_dir / "params.yaml"
     params = load_params(params_path)
     settings = params.orchestration
-    io_retries = {"retries": settings.io_retries, "retry_delay_seconds": list(settings.io_retry_delays_s)}
+    io_retries: dict[str, Any] = {
+        "retries": settings.io_retries,
+        "retry_delay_seconds": list(settings.io_retry_delays_s),
+    }
     name = params.registry.model_name
     version = find_approved_version.with_options(**io_retries)(env, name)
     if version is None:

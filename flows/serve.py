@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
-from prefect.flows import load_flow_from_entrypoint
+from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.schedules import Cron, Interval, Schedule
 
 from flows.admin import ensure_concurrency_limit
@@ -55,7 +56,7 @@ def drop_work_pool_deployments(client, deployments: list) -> None:
 def runner_deployments(project_dir: Path) -> list:
     deployments = []
     for spec in declared_deployments(project_dir):
-        flow = load_flow_from_entrypoint(str(project_dir / spec["entrypoint"]))
+        flow: Flow[..., Any] = load_flow_from_entrypoint(str(project_dir / spec["entrypoint"]))
         deployments.append(
             flow.to_deployment(
                 name=spec["name"],

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlparse
 
 import httpx
@@ -121,26 +122,27 @@ def services(env: Environment, ports: StackPorts, serve_available: bool) -> list
     return listed
 
 
-def _wait_healthy(service: Service, seconds: float) -> None:
+def _wait_healthy(name: str, process: subprocess.Popen, health_url: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise RuntimeError(f"{service.name} exited with {service.process.returncode} while starting")
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} while starting")
         try:
-            if httpx.get(service.health_url, timeout=2).status_code == 200:
+            if httpx.get(health_url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{service.name} did not answer {service.health_url} within {seconds:.0f} s")
+    raise TimeoutError(f"{name} did not answer {health_url} within {seconds:.0f} s")
 
 
-def _start(service: Service, environ: dict[str, str], cwd: Path, logs: Path) -> None:
+def _start(service: Service, environ: dict[str, str], cwd: Path, logs: Path) -> subprocess.Popen:
     log_file = open(logs / f"{service.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
     # Own process group: Ctrl-C reaches only this supervisor, which stops the services in order.
     service.process = subprocess.Popen(
         service.args, cwd=cwd, env=environ, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
     )
+    return service.process
 
 
 def _stop(service: Service) -> None:
@@ -169,23 +171,23 @@ def up(env: Environment, serve_available: bool) -> int:
         return 1
     pid_path.write_text(str(os.getpid()))
     environ = stack_environment(env, ports)
-    started: list[Service] = []
+    started: list[tuple[Service, subprocess.Popen]] = []
 
-    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+    def request_stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     # `tuneloop down` sends SIGTERM: stop the same way as on Ctrl-C.
     signal.signal(signal.SIGTERM, request_stop)
     try:
         for service in services(env, ports, serve_available):
-            _start(service, environ, env.project_dir, logs)
-            started.append(service)
+            process = _start(service, environ, env.project_dir, logs)
+            started.append((service, process))
             print(
-                f"started {service.name} (pid {service.process.pid}), log {logs / service.name}.log",
+                f"started {service.name} (pid {process.pid}), log {logs / service.name}.log",
                 flush=True,
             )
             if service.health_url:
-                _wait_healthy(service, 120)
+                _wait_healthy(service.name, process, service.health_url, 120)
             if service.name == "prefect":
                 with open(logs / "deploy.log", "ab") as deploy_log:
                     deployed = subprocess.run(
@@ -219,8 +221,8 @@ def up(env: Environment, serve_available: bool) -> int:
         )
         reported: set[str] = set()
         while True:
-            for service in started:
-                code = service.process.poll()
+            for service, process in started:
+                code = process.poll()
                 if code is None or service.name in reported:
                     continue
                 if service.name in CORE_SERVICES:
@@ -236,7 +238,7 @@ def up(env: Environment, serve_available: bool) -> int:
         # A second Ctrl-C must not cut the shutdown short and leave servers running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for service in reversed(started):
+        for service, _ in reversed(started):
             _stop(service)
             print(f"stopped {service.name}", flush=True)
         pid_path.unlink(missing_ok=True)

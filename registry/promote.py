@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
@@ -204,7 +205,8 @@ def rollback(
         previous = current_version(client, name, previous_alias(to))
         facts = _facts(client, name, str(previous.version)) if previous else None
         refusals = rollback_refusals(facts, to)
-        if refusals:
+        # A missing previous version is always one of the refusals; the check says so to the type checker.
+        if refusals or previous is None:
             raise PromotionRefused(name, None, refusals)
         current = current_version(client, name, to)
         current_v = str(current.version) if current else None
@@ -224,7 +226,7 @@ def rollback(
 def registry_status(client: MlflowClient, name: str, aliases: tuple[str, ...] | None = None) -> dict:
     """For each alias: the version it points to, that version's metrics, approval and gate verdict."""
     aliases = aliases or (DEV_ALIAS, PROD_ALIAS, previous_alias(PROD_ALIAS))
-    status = {}
+    status: dict[str, dict[str, Any] | None] = {}
     for alias in aliases:
         mv = current_version(client, name, alias)
         if mv is None:

@@ -204,7 +204,12 @@ class JwtVerifier:
     def verify(self, token: str) -> Principal:
         settings = self.settings
         try:
-            key = self._jwks.get_signing_key_from_jwt(token).key if self._jwks else settings.key
+            if self._jwks is not None:
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            elif settings.key is not None:
+                key = settings.key
+            else:  # JwtSettings refuses this combination; a bug, not the caller's fault
+                raise RuntimeError("JWT verification has neither a key nor a JWKS URL")
             claims = jwt.decode(
                 token,
                 key,

@@ -136,8 +136,7 @@ def texts_of_invocation(payload: object) -> list[str] | None:
         columns, data = split.get("columns") or [], split.get("data") or []
         if "text" in columns and all(isinstance(row, list) for row in data):
             at = columns.index("text")
-            texts = [row[at] if at < len(row) else None for row in data]
-            return texts if all(isinstance(text, str) for text in texts) else None
+            return _only_strings([row[at] if at < len(row) else None for row in data])
         return None
     for key in ("dataframe_records", "inputs", "instances"):
         if key not in payload:
@@ -148,9 +147,14 @@ def texts_of_invocation(payload: object) -> list[str] | None:
         if isinstance(value, str):
             value = [value]
         if isinstance(value, list):
-            texts = [item.get("text") if isinstance(item, dict) else item for item in value]
-            return texts if all(isinstance(text, str) for text in texts) else None
+            return _only_strings([item.get("text") if isinstance(item, dict) else item for item in value])
     return None
+
+
+def _only_strings(values: list[object]) -> list[str] | None:
+    """``values`` when every one is a string, else None."""
+    strings = [value for value in values if isinstance(value, str)]
+    return strings if len(strings) == len(values) else None
 
 
 def _no_backend(error: NoBackend) -> Refusal:
@@ -195,12 +199,12 @@ def create_app(
         app.state.http = httpx.AsyncClient(
             timeout=upstream_timeout_s, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
         )
-        watcher = asyncio.create_task(supervisor.run_forever()) if supervisor else None
+        watcher = asyncio.create_task(supervisor.run_forever()) if supervisor is not None else None
         try:
             yield
         finally:
             # uvicorn calls this after in-flight requests have finished: their log rows are queued.
-            if watcher is not None:
+            if supervisor is not None and watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
@@ -221,9 +225,11 @@ def create_app(
     )
     app.state.inference_log = inference_log
     app.state.metrics = metrics
-    app.add_exception_handler(Refusal, refusal_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    # Starlette types a handler as taking `Exception`, so one for a subclass is rejected although
+    # Starlette only calls it with that subclass (Kludex/starlette#2417; fix proposed in #2403).
+    app.add_exception_handler(Refusal, refusal_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected_error_handler)
 
     @app.middleware("http")
@@ -247,11 +253,13 @@ def create_app(
         if status >= 400:
             metrics.errors.labels(endpoint, reason or _HTTP_ERROR_CODES.get(status, f"http_{status}")).inc()
 
-    def rate_limited(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    def rate_limited(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
         """Authenticate with ``scope``, then charge the caller's token bucket."""
         authenticate = authenticator.require(scope)
 
-        async def dependency(principal: Principal = Depends(authenticate)) -> Principal:  # noqa: B008
+        # `Depends` as a default, not in `Annotated`: postponed annotations are resolved in the module's
+        # globals, where the local `authenticate` does not exist.
+        async def dependency(principal: Principal = Depends(authenticate)) -> Principal:  # noqa: B008 - FastAPI DI
             limiter.check(principal.rate_limit_key)
             return principal
 

@@ -62,9 +62,10 @@ def load_base_classifier(base: str, label_names: Sequence[str]) -> PreTrainedMod
     )
 
 
-def batched(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def batched(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of ``indices``, each at most ``size`` long."""
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
 
 
 class IntentClassifier:
@@ -78,7 +79,9 @@ class IntentClassifier:
         max_length: int,
         device: DeviceChoice,
     ):
-        self.model = model.to(device.device).eval()
+        # transformers wraps `to` with functools.wraps, whose typeshed type does not bind `self`
+        # (python/typeshed#10653), so mypy takes the device for the model.
+        self.model = model.to(device.device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_length = max_length

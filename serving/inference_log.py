@@ -50,6 +50,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from serving.pii import PiiMasker
 
@@ -326,18 +327,21 @@ class InferenceLogWriter:
             log.exception("inference log: could not write %d rows", rows)
 
     def _write(self, items: list[tuple]) -> None:
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("inference log writer has no database engine: call start() before writing")
         prediction_rows, feedback_rows = [], []
         for item in items:
             for record in item:
                 if isinstance(record, PredictionRecord):
-                    prediction_rows.append(self._prediction_row(record))
+                    prediction_rows.append(self._prediction_row(record, engine))
                 else:
                     feedback_rows.append(
                         {
                             "request_id": record.request_id,
                             "item_index": record.item_index,
                             "true_label": record.true_label,
-                            "created_at": _to_db_time(record.created_at, self._engine),
+                            "created_at": _to_db_time(record.created_at, engine),
                         }
                     )
         total = len(prediction_rows) + len(feedback_rows)
@@ -345,7 +349,7 @@ class InferenceLogWriter:
         while True:
             attempt += 1
             try:
-                with self._engine.begin() as connection:
+                with engine.begin() as connection:
                     if prediction_rows:
                         connection.execute(insert(predictions), prediction_rows)
                     if feedback_rows:
@@ -353,7 +357,7 @@ class InferenceLogWriter:
                 with self._counts_lock:
                     self.written_rows += total
                 return
-            except Exception as error:  # any database failure: retried, then counted
+            except SQLAlchemyError as error:  # any database failure: retried, then counted
                 if self._closing.is_set() and attempt >= 3:
                     with self._counts_lock:
                         self.failed_rows += total
@@ -376,11 +380,11 @@ class InferenceLogWriter:
             log.exception("PII masking failed; the text is stored as %s", MASKING_FAILED)
             return MASKING_FAILED
 
-    def _prediction_row(self, record: PredictionRecord) -> dict:
+    def _prediction_row(self, record: PredictionRecord, engine: Engine) -> dict:
         return {
             "request_id": record.request_id,
             "item_index": record.item_index,
-            "created_at": _to_db_time(record.created_at, self._engine),
+            "created_at": _to_db_time(record.created_at, engine),
             "model_name": record.model_name,
             "model_version": record.model_version,
             "text": self._masked(record.text),

@@ -16,7 +16,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,7 +32,9 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 class Refusal(Exception):
     """A request the gateway will not serve: HTTP status, a stable error code, a human explanation."""
 
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra):
+    def __init__(
+        self, status: int, error: str, detail: str, headers: Mapping[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail, self.headers, self.extra = status, error, detail, headers, extra
 

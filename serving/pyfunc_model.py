@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from serving.inference import IntentClassifier, resolve_base_model
@@ -58,21 +60,24 @@ def predictions_frame(predictions: list[dict]) -> pd.DataFrame:
     )
 
 
-class IntentPyfunc(mlflow.pyfunc.PythonModel):
+class IntentPyfunc(PythonModel):
     """Predicts label, score and top-k (JSON) for a DataFrame with a string ``text`` column."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         base = context.artifacts.get(BASE_ARTIFACT)
         self.classifier = IntentClassifier.load(context.artifacts[ADAPTER_ARTIFACT], base=base)
-        self.defaults = dict(context.model_config or {})
+        # log_intent_model's model_config: default_top_k and batch_size.
+        self.defaults: dict[str, int] = dict(context.model_config or {})
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        params = params or {}
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        request_params = params or {}
         texts = [str(text) for text in model_input["text"].tolist()]
         predictions = self.classifier.predict(
             texts,
-            top_k=int(params.get("top_k", self.defaults["default_top_k"])),
-            batch_size=int(params.get("batch_size", self.defaults["batch_size"])),
+            top_k=int(request_params.get("top_k", self.defaults["default_top_k"])),
+            batch_size=int(request_params.get("batch_size", self.defaults["batch_size"])),
         )
         return predictions_frame(predictions)
 
@@ -89,7 +94,9 @@ def model_artifacts(adapter_dir: Path, base: str) -> dict[str, str]:
     return artifacts
 
 
-def log_intent_model(adapter_dir: Path, base: str, serving: ServingParams, name: str = "model") -> ModelInfo:
+def log_intent_model(
+    adapter_dir: Path, base: str, serving_params: ServingParams, name: str = "model"
+) -> ModelInfo:
     """Log the pyfunc into the active MLflow run and return its model info (URI, model id)."""
     import serving
 
@@ -99,8 +106,8 @@ def log_intent_model(adapter_dir: Path, base: str, serving: ServingParams, name:
         python_model=IntentPyfunc(),
         artifacts=artifacts,
         code_paths=[str(Path(serving.__file__).parent)],
-        signature=model_signature(serving),
-        model_config={"default_top_k": serving.default_top_k, "batch_size": serving.batch_size},
+        signature=model_signature(serving_params),
+        model_config={"default_top_k": serving_params.default_top_k, "batch_size": serving_params.batch_size},
         input_example=INPUT_EXAMPLE,
         pip_requirements=pinned_requirements(),
         metadata={"base_model": base, "base_bundled": BASE_ARTIFACT in artifacts},

@@ -72,7 +72,8 @@ class AliasSupervisor:
         while True:
             try:
                 await self.check_once()
-            except Exception as error:  # noqa: BLE001 - a registry hiccup must not stop the supervisor
+            # Deliberately broad: a registry hiccup must not stop the supervisor; logged with its traceback.
+            except Exception as error:
                 self.state.last_error = f"{type(error).__name__}: {error}"
                 log.exception("checking %s@%s failed; will retry", self.pool.model_name, self.pool.alias)
             await asyncio.sleep(self.settings.poll_interval_s)
