@@ -22,9 +22,9 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from ruamel.yaml import YAML
 
-from flows import commands
 from flows.admin import ensure_concurrency_limit
 from registry.register import HEADLINE_METRICS, register_workspace
+from tuneloop import commands
 from tuneloop.config import Environment, Params, load_params
 from tuneloop.io import read_json
 from tuneloop.paths import EVALUATE_METRICS, GATES_FILE
@@ -160,7 +160,7 @@ def continuous_training(
     logger.info("reason: %s; waiting for a slot of concurrency limit %r", reason, settings.concurrency_limit)
     with concurrency(settings.concurrency_limit, occupy=1, lease_duration=settings.slot_lease_s, strict=True):
         logger.info("slot acquired: this is the only continuous-training run in progress")
-        io_retries = {
+        io_retries: dict[str, Any] = {
             "retries": settings.io_retries,
             "retry_delay_seconds": list(settings.io_retry_delays_s),
         }

@@ -1,8 +1,10 @@
 """The `monitor-drift` flow: one drift check of recent traffic, and retraining when it is warranted.
 
-Each task is a thin call of ``monitoring.monitor``. On a retrain decision the flow starts the
-``continuous-training/nightly`` deployment with ``reason="drift"`` (without waiting for it); on data
-drift that only alerts, it publishes a Markdown artifact (key ``drift-alert``) and logs a warning.
+Each task is a thin call of ``monitoring.monitor``. On a retrain decision the feedback is appended
+as a new DVC data version whose pointer is committed to git, and the flow starts the
+``continuous-training/nightly`` deployment with ``reason="drift"`` and ``data_rev`` = that commit
+(without waiting for it); on data drift that only alerts, it publishes a Markdown artifact (key
+``drift-alert``) and logs a warning.
 Deployed hourly as ``monitor-drift/hourly`` (``prefect.yaml``).
 """
 
@@ -46,21 +48,34 @@ def check_drift(
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 90])
-def trigger_training(reasons: list[str]) -> str:
+def trigger_training(reasons: list[str], data_rev: str | None) -> str:
     """Start the training deployment and return its flow-run id (``timeout=0``: do not wait).
 
+    ``data_rev``: the commit of the appended data version (the run trains on exactly that version),
+    None when nothing was committed (the run trains on the work tree's pointers).
     Retried: by now the feedback is appended and the cool-down started. Should every attempt fail,
-    the flow run fails (visible in Prefect) and the appended data version still reaches the next
-    scheduled training, which trains on the work tree.
+    the flow run fails (visible in Prefect) and the committed data version still reaches the next
+    scheduled training.
     """
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    run = run_deployment(TRAINING_DEPLOYMENT, parameters={"reason": "drift", "data_rev": None}, timeout=0)
-    get_run_logger().info("started %s (flow run %s): %s", TRAINING_DEPLOYMENT, run.id, "; ".join(reasons))
+    run = run_deployment(TRAINING_DEPLOYMENT, parameters={"reason": "drift", "data_rev": data_rev}, timeout=0)
+    if not isinstance(run, FlowRun):  # only an async caller gets a coroutine; this task is synchronous
+        raise TypeError(f"run_deployment returned {type(run).__name__}, expected a FlowRun")
+    get_run_logger().info(
+        "started %s (flow run %s) on data %s: %s",
+        TRAINING_DEPLOYMENT,
+        run.id,
+        data_rev or "of the work tree",
+        "; ".join(reasons),
+    )
     return str(run.id)
 
 
-def alert_markdown(summary: dict[str, Any], reasons: list[str]) -> str:
+def alert_markdown(
+    summary: dict[str, Any], reasons: list[str], appended: monitor.AppendResult | None = None
+) -> str:
     data = summary["data_drift"]
     lines = [
         "# Drift alert",
@@ -70,6 +85,17 @@ def alert_markdown(summary: dict[str, Any], reasons: list[str]) -> str:
         f"{summary.get('window_start', '?')} to {summary.get('window_end', '?')}",
         f"- decision: {'; '.join(reasons)}",
         f"- MLflow run: {summary.get('mlflow_run_id', 'not logged')}",
+    ]
+    if appended is not None:
+        committed = (
+            f"commit `{appended.data_commit}` on `{appended.data_branch}`"
+            if appended.data_commit
+            else "not committed"
+        )
+        lines.append(
+            f"- data version: {appended.rows_added} feedback rows appended, md5 `{appended.md5}`, {committed}"
+        )
+    lines += [
         "",
         "| signal | method | score | threshold | drifted |",
         "|---|---|---|---|---|",
@@ -106,7 +132,8 @@ def monitor_drift(
         prepared_dir: the prepared splits the reference is drawn from.
         model_uri: the model to build the reference with; default the version that answered the window.
         adapter_dir: a local adapter folder instead of a registered model.
-        append: append new labelled feedback to the raw data (a new DVC version) when retraining.
+        append: append new labelled feedback to the raw data (a new DVC version, its pointer committed
+            to git on ``monitoring.data_branch``) when retraining.
         trigger: start the training deployment on a retrain decision.
     """
     logger = get_run_logger()
@@ -118,10 +145,15 @@ def monitor_drift(
     if decision.alert:
         logger.warning("drift: %s", "; ".join(decision.reasons))
         create_markdown_artifact(
-            markdown=alert_markdown(outcome.summary, list(decision.reasons)),
+            markdown=alert_markdown(outcome.summary, list(decision.reasons), outcome.appended),
             key=ALERT_ARTIFACT_KEY,
             description=f"drift alert {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         )
+    appended = outcome.appended
+    data_commit = appended.data_commit if appended is not None else None
+    if appended is not None and data_commit:
+        logger.info("data version committed: %s on %s", data_commit, appended.data_branch)
     if decision.retrain and trigger:
-        result["training_flow_run_id"] = trigger_training(list(decision.reasons))
+        result["training_flow_run_id"] = trigger_training(list(decision.reasons), data_commit)
+        result["training_data_rev"] = data_commit
     return result

@@ -1,4 +1,4 @@
-"""The DVC and git commands a flow task runs, as plain functions over a project folder.
+"""The DVC and git commands that flows and the registry run, as plain functions over a project folder.
 
 They run the same CLI a user would type (`dvc pull`, `dvc repro -s <stage>`, `dvc push`), in a
 subprocess, so that a stage's output streams into the caller's logger line by line and a stage that
@@ -62,6 +62,7 @@ def run_logged(
     logger: logging.Logger | logging.LoggerAdapter,
     timeout_s: float | None = None,
     tail_lines: int = 40,
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """Run ``args`` in ``cwd``, logging each output line; returns the output lines.
 
@@ -71,7 +72,7 @@ def run_logged(
     process = subprocess.Popen(
         args,
         cwd=cwd,
-        env=venv_environment(),
+        env=env if env is not None else venv_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
