@@ -4,13 +4,16 @@ Plain functions with typed inputs; the Prefect flow (``flows/monitor_drift.py``)
 thin adapters. What it writes: the Evidently HTML reports and the JSON summary to MLflow (experiment
 ``monitoring``), the latest summary to ``<TUNELOOP_HOME>/monitoring/latest.json`` (read by the
 gateway's ``/metrics`` through :class:`serving.metrics.DriftGaugeCollector`), and, when retraining is
-decided, the labelled feedback appended to the raw data as a new DVC data version.
+decided, the labelled feedback appended to the raw data as a new DVC data version whose ``.dvc`` pointer
+is committed to git (``monitoring.data_branch``), so that the training it triggers has a clean lineage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,7 +27,7 @@ import pandas as pd
 from evaluation.drift import PREDICTED, TEXT, TRUE_LABEL, DriftResult, detect_drift, document_frequencies
 from serving.metrics import write_drift_summary
 from tuneloop.config import DataParams, Environment, MonitoringParams, load_params
-from tuneloop.datastore import add_and_push, tracked_md5
+from tuneloop.datastore import add_and_push, check_data_commit, commit_data_version, tracked_md5
 from tuneloop.io import file_md5, read_json, read_table, write_json
 from tuneloop.text import fold_text, normalise_whitespace
 
@@ -241,6 +244,33 @@ class AppendResult:
     rejected_labels: dict[str, int]
     md5: str | None
     pushed_files: int
+    # The git commit of the new data version's pointer and its branch (None: nothing committed,
+    # e.g. no rows appended or the project is not a git work tree).
+    data_commit: str | None = None
+    data_branch: str | None = None
+    md5_before: str | None = None
+
+
+def data_commit_message(
+    raw_path: str,
+    rows: int,
+    reasons: Sequence[str],
+    md5_before: str | None,
+    md5: str | None,
+    rejected: dict[str, int],
+    pushed: int,
+) -> str:
+    """Why this data version exists: the subject says what and why, the body the version's facts."""
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    lines = [
+        f"drift monitor appended {rows} labelled feedback rows{why} -> data md5 {md5}",
+        "",
+        f"Data version of {raw_path}: md5 {md5_before} -> {md5}; {pushed} file(s) pushed to the DVC remote.",
+        "Committed by tuneloop's drift monitor (monitoring/monitor.py): only the data's pointer changed.",
+    ]
+    if rejected:
+        lines.append(f"Feedback with labels outside data.labels, not appended: {rejected}")
+    return "\n".join(lines) + "\n"
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
@@ -263,22 +293,38 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
 
 
 def append_feedback(
-    project_dir: Path, raw_path: Path, examples: pd.DataFrame, data: DataParams, group_value: str
+    project_dir: Path,
+    raw_path: Path,
+    examples: pd.DataFrame,
+    data: DataParams,
+    group_value: str,
+    *,
+    data_branch: str | None = None,
+    reasons: Sequence[str] = (),
 ) -> AppendResult:
-    """Append labelled feedback to the raw data in its own columns, then ``dvc add`` + push it.
+    """Append labelled feedback to the raw data in its own columns, ``dvc add`` + push it, commit it.
 
     Labels outside ``data.labels`` are not appended (validate would reject the whole data version);
-    they are counted in ``rejected_labels`` so that nobody loses sight of them.
+    they are counted in ``rejected_labels`` so that nobody loses sight of them. The new ``.dvc``
+    pointer (and the data folder's .gitignore, when DVC changed it) is committed to git, alone, on
+    ``data_branch`` (None: the checked-out branch), with a message that says why
+    (``tuneloop.datastore.commit_data_version``). Whether that commit is safe is checked before
+    anything is written: a refusal (``DataCommitRefused``) leaves the data as it was.
     """
     raw_file = raw_path if raw_path.is_absolute() else project_dir / raw_path
+    pointer = raw_file.with_name(raw_file.name + ".dvc")
+    ignore_file = raw_file.parent / ".gitignore"
     raw = read_table(raw_file)
     known = examples["label"].isin(set(data.labels))
     rejected = examples.loc[~known, "label"].value_counts().to_dict()
     if rejected:
         log.warning("feedback labels not in data.labels were not appended: %s", rejected)
     kept = examples[known]
+    md5_before = tracked_md5(pointer)
     if kept.empty:
-        return AppendResult(raw_file, 0, rejected, tracked_md5(raw_file.with_name(raw_file.name + ".dvc")), 0)
+        return AppendResult(raw_file, 0, rejected, md5_before, 0, md5_before=md5_before)
+    check_data_commit(project_dir, [pointer, ignore_file], data_branch)
+    ignores_before = ignore_file.read_bytes() if ignore_file.exists() else None
     addition = pd.DataFrame(
         {column: pd.Series(dtype="string") for column in raw.columns}, index=range(len(kept))
     )
@@ -290,9 +336,24 @@ def append_feedback(
     write_table(pd.concat([raw, addition], ignore_index=True), raw_file)
     # Absolute: DVC resolves a relative target against the process's working folder, not the repo.
     pushed = add_and_push(project_dir, raw_file.resolve())
-    md5 = tracked_md5(raw_file.with_name(raw_file.name + ".dvc"))
+    md5 = tracked_md5(pointer)
     log.info("appended %d feedback rows to %s: data version md5 %s", len(kept), raw_file, md5)
-    return AppendResult(raw_file, len(kept), rejected, md5, pushed)
+    to_commit = [pointer]
+    if ignore_file.exists() and ignore_file.read_bytes() != ignores_before:
+        to_commit.append(ignore_file)
+    shown = Path(os.path.relpath(raw_file.resolve(), Path(project_dir).resolve())).as_posix()
+    message = data_commit_message(shown, len(kept), reasons, md5_before, md5, rejected, pushed)
+    commit = commit_data_version(project_dir, to_commit, message, data_branch)
+    return AppendResult(
+        raw_file,
+        len(kept),
+        rejected,
+        md5,
+        pushed,
+        data_commit=commit.sha if commit else None,
+        data_branch=commit.branch if commit else None,
+        md5_before=md5_before,
+    )
 
 
 # ----------------------------------------------------------------------------------- state and outputs
@@ -307,9 +368,16 @@ def last_trigger_time(state: dict[str, Any]) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def record_trigger(path: Path, now: datetime, reasons: Sequence[str], data_md5: str | None) -> None:
+def record_trigger(
+    path: Path, now: datetime, reasons: Sequence[str], data_md5: str | None, data_commit: str | None = None
+) -> None:
     state = read_state(path)
-    state.update(last_trigger_at=now.isoformat(), last_trigger_reasons=list(reasons), last_data_md5=data_md5)
+    state.update(
+        last_trigger_at=now.isoformat(),
+        last_trigger_reasons=list(reasons),
+        last_data_md5=data_md5,
+        last_data_commit=data_commit,
+    )
     write_json(path, state)
 
 
@@ -333,6 +401,33 @@ def log_to_mlflow(result: DriftResult, env: Environment, tags: dict[str, str]) -
             result.quality_report.save_html(str(Path(folder) / "quality.html"))
             mlflow.log_artifact(str(Path(folder) / "quality.html"), "drift")
         return run.info.run_id
+
+
+def log_decision_to_mlflow(
+    run_id: str, decision: Decision, appended: AppendResult | None, env: Environment
+) -> None:
+    """Add what the job decided and did to its MLflow run: tags and ``drift/decision.json``.
+
+    Tags ``tuneloop.decision`` (retrain / alert / none) and, after an append, ``tuneloop.data_md5``,
+    ``tuneloop.data_commit`` (the git commit of the new data version) and ``tuneloop.rows_appended``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env.tracking_uri)
+    verdict = "retrain" if decision.retrain else "alert" if decision.alert else "none"
+    tags = {"tuneloop.decision": verdict}
+    if appended is not None:
+        tags.update(
+            {
+                "tuneloop.data_md5": str(appended.md5),
+                "tuneloop.data_commit": appended.data_commit or "not committed",
+                "tuneloop.rows_appended": str(appended.rows_added),
+            }
+        )
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    record = {"decision": asdict(decision), "appended": asdict(appended) if appended else None}
+    client.log_dict(run_id, json.loads(json.dumps(record, default=str)), "drift/decision.json")
 
 
 def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -411,14 +506,23 @@ def decide_and_append(
     state_path: Path,
     now: datetime,
 ) -> tuple[Decision, AppendResult | None]:
-    """Decide; on retrain, append the new labelled examples as a DVC data version and start the cool-down."""
+    """Decide; on retrain, append the new labelled examples as a committed DVC data version (see
+    :func:`append_feedback`) and start the cool-down."""
     raw = read_table(project_dir / data.raw_path)
     examples = new_labelled_examples(labelled_log, raw, data)
     decision = should_retrain(summary, len(examples), last_trigger_time(read_state(state_path)), now, params)
     if not decision.retrain:
         return decision, None
-    appended = append_feedback(project_dir, Path(data.raw_path), examples, data, params.feedback_group_value)
-    record_trigger(state_path, now, decision.reasons, appended.md5)
+    appended = append_feedback(
+        project_dir,
+        Path(data.raw_path),
+        examples,
+        data,
+        params.feedback_group_value,
+        data_branch=params.data_branch,
+        reasons=decision.reasons,
+    )
+    record_trigger(state_path, now, decision.reasons, appended.md5, appended.data_commit)
     return decision, appended
 
 
@@ -477,6 +581,8 @@ def run_monitor(
             result.summary, len(examples), last_trigger_time(read_state(state_path)), now, params.monitoring
         )
         appended = None
+    if run_id is not None:
+        log_decision_to_mlflow(run_id, decision, appended, env)
     log.info(
         "drift decision: %s (%s)",
         "retrain" if decision.retrain else "no retrain",

@@ -1,4 +1,10 @@
-"""`prepare` stage: raw table -> normalised, de-duplicated, stratified train/val/test Parquet."""
+"""`prepare` stage: raw table -> normalised, de-duplicated, stratified train/val Parquet, plus the frozen
+test file (data.test_path) as the test split.
+
+The test split is never redrawn from the raw data: `tuneloop init` splits it off once into its own
+DVC-tracked file, so every model (and every retraining on grown raw data) is scored on the same rows.
+Raw rows whose text is in that file are dropped before the train/val split (prepare.drop_test_overlap).
+"""
 
 from __future__ import annotations
 
@@ -88,7 +94,11 @@ def load_mapped(path: Path, data: DataParams) -> pd.DataFrame:
 def prepare(
     raw_path: Path, data: DataParams, params: PrepareParams, test_path: Path | None = None
 ) -> PrepareResult:
-    """Read, map, normalise, de-duplicate and split the raw data (and a frozen test file, if given)."""
+    """Read, map, normalise, de-duplicate and split the raw data (and a frozen test file, if given).
+
+    Without ``test_path`` the test split is drawn from the raw data (library use only: the stage always
+    passes the frozen file).
+    """
     frame = load_mapped(raw_path, data)
     before = len(frame)
     frame = frame.drop_duplicates(subset=["text", "label"]).reset_index(drop=True)
@@ -134,14 +144,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
     raw_path = Path(args.raw_path or params.data.raw_path)
-    test_path = Path(params.data.test_path) if params.data.test_path else None
+    if not params.data.test_path:
+        raise SystemExit(
+            "data.test_path is not set: the test set must be a frozen file, or every change to the raw "
+            "data would redraw it. Run `tuneloop init` (it splits one off once), or set data.test_path."
+        )
+    test_path = Path(params.data.test_path)
     result = prepare(raw_path, params.data, params.prepare, test_path)
     write_prepared(result, raw_path, Path(args.out_dir))
     log.info(
-        "prepared %s: %s (dropped %d exact duplicates)",
+        "prepared %s with the frozen test file %s: %s (dropped %d exact duplicates, %d rows whose text "
+        "is in the test file)",
         raw_path,
+        test_path,
         {name: len(part) for name, part in result.splits.items()},
         result.dropped_duplicates,
+        result.dropped_test_overlap,
     )
 
 

@@ -312,7 +312,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if isinstance(outcome, NotEnoughTraffic):
         print(json.dumps(outcome.as_dict()))
         return 0
-    print(json.dumps(outcome.as_dict()["decision"]))
+    result = outcome.as_dict()
+    print(json.dumps({"decision": result["decision"], "appended": result["appended"]}, default=str))
     return 0
 
 

@@ -100,10 +100,48 @@ class GateParams(_Frozen):
     max_expected_calibration_error: float
 
 
+class BehaviouralGateParams(_Frozen):
+    """Optional gates on behavioural failure rates; None = report only, not checked."""
+
+    # Worst of the four invariance failure rates (typos, casing, names, punctuation).
+    max_inv_failure_rate: float | None = Field(ge=0, le=1)
+    max_dir_failure_rate: float | None = Field(ge=0, le=1)
+    max_mft_failure_rate: float | None = Field(ge=0, le=1)
+
+
+class BehaviouralParams(_Frozen):
+    """CheckList-style behavioural tests (evaluation/behavioural.py) run by the `evaluate` stage."""
+
+    # YAML file of minimum-functionality and negation cases, keyed by intent (format at its top).
+    cases_path: str
+    # Test utterances perturbed for the invariance tests (a seeded sample when there are more).
+    max_examples: int = Field(ge=1)
+    seed: int
+    # Perturbed versions per utterance for the typo and name tests (casing and punctuation use all theirs).
+    variants_per_example: int = Field(ge=1)
+    # Share of the words longer than 3 letters that get a typo (at least one word per utterance).
+    typo_rate: float = Field(gt=0, le=1)
+    names: tuple[str, ...] = Field(min_length=2)
+    # How a name goes into an utterance that has none of `names`: each holds {name} and {text}.
+    name_templates: tuple[str, ...] = Field(min_length=1)
+    # Failing examples kept per test type in metrics/behavioural.json.
+    failing_examples: int = Field(ge=0)
+    gates: BehaviouralGateParams
+
+    @field_validator("name_templates")
+    @classmethod
+    def _templates_have_slots(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        for template in templates:
+            if "{name}" not in template or "{text}" not in template:
+                raise ValueError(f"name template {template!r} must contain both {{name}} and {{text}}")
+        return templates
+
+
 class EvaluateParams(_Frozen):
     batch_size: int = Field(ge=1)
     counterfactual: CounterfactualParams
     gates: GateParams
+    behavioural: BehaviouralParams
 
 
 class ModelGateParams(_Frozen):
@@ -146,6 +184,8 @@ class RegistryParams(_Frozen):
     min_improvement: float = Field(ge=0, lt=1)
     # When true, a candidate that is not a significant improvement over prod is not promoted to dev.
     require_improvement: bool
+    # `tuneloop reproduce`: largest absolute difference per headline metric, registered vs rebuilt.
+    reproduce_tolerance: float = Field(ge=0)
 
 
 class ServingParams(_Frozen):
@@ -190,6 +230,8 @@ class MonitoringParams(_Frozen):
     cooldown_hours: float = Field(ge=0)
     retrain_on_data_drift: bool
     feedback_group_value: str
+    # Branch the appended data version's `.dvc` pointer is committed on; None: the checked-out branch.
+    data_branch: str | None
 
 
 class OrchestrationParams(_Frozen):
@@ -265,6 +307,10 @@ class Environment(_Frozen):
         project = Path(project_dir or os.getcwd()).resolve()
         home = Path(os.environ.get("TUNELOOP_HOME", project / ".tuneloop")).resolve()
         paths = HomePaths(home)
+        # Empty means unset; the secrets are wrapped so that a repr or a log line never shows them.
+        jwt_key = os.environ.get("TUNELOOP_JWT_KEY")
+        jwt_key_file = os.environ.get("TUNELOOP_JWT_KEY_FILE")
+        api_key = os.environ.get("TUNELOOP_API_KEY")
         return cls(
             project_dir=project,
             home_dir=home,
@@ -277,8 +323,8 @@ class Environment(_Frozen):
             api_keys_path=Path(os.environ.get("TUNELOOP_API_KEYS_FILE", paths.api_keys)),
             jwt_issuer=os.environ.get("TUNELOOP_JWT_ISSUER") or None,
             jwt_audience=os.environ.get("TUNELOOP_JWT_AUDIENCE") or None,
-            jwt_key=os.environ.get("TUNELOOP_JWT_KEY") or None,
-            jwt_key_path=os.environ.get("TUNELOOP_JWT_KEY_FILE") or None,
+            jwt_key=SecretStr(jwt_key) if jwt_key else None,
+            jwt_key_path=Path(jwt_key_file) if jwt_key_file else None,
             jwt_jwks_url=os.environ.get("TUNELOOP_JWT_JWKS_URL") or None,
             jwt_algorithms=tuple(
                 os.environ.get("TUNELOOP_JWT_ALGORITHMS", "RS256").replace(",", " ").split()
@@ -287,7 +333,7 @@ class Environment(_Frozen):
                 alias: os.environ.get(f"TUNELOOP_{alias.upper()}_URL", f"http://127.0.0.1:{port}")
                 for alias, port in DEFAULT_GATEWAY_PORTS.items()
             },
-            api_key=os.environ.get("TUNELOOP_API_KEY") or None,
+            api_key=SecretStr(api_key) if api_key else None,
             work_pool=os.environ.get(WORK_POOL_ENV) or None,
             mlflow_port=int(os.environ.get("TUNELOOP_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
             prefect_port=int(os.environ.get("TUNELOOP_PREFECT_PORT", DEFAULT_PREFECT_PORT)),

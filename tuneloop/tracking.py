@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tuneloop.config import Environment
+
+log = logging.getLogger(__name__)
 
 
 def use_experiment(env: Environment) -> str:
@@ -33,22 +36,82 @@ def use_experiment(env: Environment) -> str:
     return experiment_id
 
 
-def git_commit(project_dir: Path) -> str:
-    """The commit the code ran at, with '-dirty' when the tree has uncommitted changes."""
+def pipeline_outputs(project_dir: Path) -> tuple[str, ...] | None:
+    """Paths (project-relative, POSIX) that the DVC pipeline writes itself, None when unknown.
+
+    The outputs, metrics and plots of every stage of every ``dvc.yaml`` (as DVC resolves them,
+    templating included) and each ``dvc.yaml``'s ``dvc.lock``. Pointer files (``*.dvc``) are not
+    among them: they name the input data. A project without a DVC pipeline has none.
+    """
+    project = Path(project_dir).resolve()
+    if not (project / ".dvc").is_dir():
+        return ()
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    paths: set[str] = set()
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=project_dir,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        with Repo(str(project)) as repo:
+            for stage in repo.index.stages:
+                if not isinstance(stage, PipelineStage):
+                    continue
+                lock = Path(stage.dvcfile.path).with_name("dvc.lock")
+                paths.add(lock.resolve().relative_to(project).as_posix())
+                for out in stage.outs:
+                    paths.add(Path(out.fs_path).resolve().relative_to(project).as_posix())
+    except (DvcException, OSError, ValueError) as error:
+        # A broken dvc.yaml (or an output outside the project) must not break lineage: count everything.
+        log.warning(
+            "could not list the DVC pipeline's outputs in %s (%s): every change counts", project, error
+        )
+        return None
+    return tuple(sorted(paths))
+
+
+def changed_tracked_files(project_dir: Path) -> list[str]:
+    """Tracked files (project-relative) whose content differs from HEAD, staged or not."""
+    project = Path(project_dir).resolve()
+    prefix = _git(project, "rev-parse", "--show-prefix").strip()
+    status = _git(project, "status", "--porcelain=v1", "-z", "--untracked-files=no", "--no-renames")
+    changed = []
+    for entry in status.split("\0"):
+        if len(entry) > 3:
+            path = entry[3:]  # "XY path", relative to the repository's top level
+            if path.startswith(prefix):
+                changed.append(path[len(prefix) :])
+            else:
+                changed.append("../" * prefix.count("/") + path)
+    return changed
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def _is_output(path: str, outputs: tuple[str, ...]) -> bool:
+    return any(path == out or path.startswith(out + "/") for out in outputs)
+
+
+def git_commit(project_dir: Path) -> str:
+    """The commit the run's inputs are at; with '-dirty' when a tracked input differs from it.
+
+    Inputs are the files git tracks (code, params.yaml, the data's ``.dvc`` pointers, ...), except
+    what the DVC pipeline writes as its own outputs (stage outs, metrics, plots, ``dvc.lock``, see
+    :func:`pipeline_outputs`): a training run rewrites those while it runs, from the inputs, so their
+    change says nothing about what the run was trained from. Untracked files are not inputs either.
+    """
+    try:
+        commit = _git(project_dir, "rev-parse", "HEAD").strip()
+        changed = changed_tracked_files(project_dir)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{commit}-dirty" if dirty else commit
+    if changed:
+        outputs = pipeline_outputs(project_dir) or ()
+        changed = [path for path in changed if not _is_output(path, outputs)]
+    if changed:
+        log.info("lineage of %s is dirty: %s", project_dir, ", ".join(changed[:10]))
+    return f"{commit}-dirty" if changed else commit
 
 
 def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,13 @@ PARAMS = load_params(REPO_ROOT / "params.yaml")
 
 @pytest.fixture(scope="module")
 def clean_splits() -> dict[str, pd.DataFrame]:
-    return prepare(REPO_ROOT / "data/sample/intents.csv", PARAMS.data, PARAMS.prepare).splits
+    """The sample prepared the default way: its frozen test file as the test split."""
+    return prepare(
+        REPO_ROOT / "data/sample/intents.csv",
+        PARAMS.data,
+        PARAMS.prepare,
+        REPO_ROOT / "data/sample/intents-test.csv",
+    ).splits
 
 
 def failed_checks(splits) -> dict[str, object]:
@@ -70,6 +76,13 @@ def leak_test_rows_into_train(splits):
     return splits
 
 
+def leak_test_rows_into_val(splits):
+    # Case and punctuation do not hide a leak: the check compares folded texts.
+    leaked = splits["test"].head(3).assign(text=lambda rows: rows["text"].str.upper() + "!")
+    splits["val"] = pd.concat([splits["val"], leaked], ignore_index=True)
+    return splits
+
+
 @pytest.mark.parametrize(
     ("corrupt", "check"),
     [
@@ -79,6 +92,7 @@ def leak_test_rows_into_train(splits):
         (two_labels_for_one_text, "one_label_per_text"),
         (class_below_minimum, "min_examples_per_class"),
         (leak_test_rows_into_train, "no_test_text_in_train"),
+        (leak_test_rows_into_val, "no_test_text_in_train"),
     ],
 )
 def test_each_corruption_is_caught_by_its_expectation(clean_splits, corrupt, check):
@@ -86,6 +100,13 @@ def test_each_corruption_is_caught_by_its_expectation(clean_splits, corrupt, che
     assert check in failures
     assert failures[check].unexpected_count >= 1
     assert failures[check].examples, "the summary must show failing rows"
+
+
+def test_the_default_split_keeps_the_frozen_test_rows_out_of_train_and_val(clean_splits):
+    test = set(clean_splits["test"]["text"])
+    frozen = pd.read_csv(REPO_ROOT / "data/sample/intents-test.csv", dtype=str)
+    assert len(clean_splits["test"]) == len(frozen)
+    assert test.isdisjoint(clean_splits["train"]["text"]) and test.isdisjoint(clean_splits["val"]["text"])
 
 
 def test_validate_writes_result_and_data_docs_and_raises_a_readable_summary(clean_splits, tmp_path):

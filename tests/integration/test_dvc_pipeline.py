@@ -39,6 +39,19 @@ def test_fresh_clone_runs_everything_then_nothing_then_only_what_changed(project
     remote_files = [p for p in Path(env.dvc_remote_url).rglob("*") if p.is_file()]
     assert any(md5 in str(p).replace("/", "") for p in remote_files), "the raw data must be in the DVC remote"
     assert yaml.safe_load((project / "data/raw/intents.csv.dvc").read_text())["outs"][0]["md5"] == md5
+    # The frozen test file: the sample's own, DVC-tracked and pushed, and exactly the test split.
+    frozen = project / "data/raw/intents-test.csv"
+    assert frozen.read_bytes() == (project / "data/sample/intents-test.csv").read_bytes()
+    test_md5 = file_md5(frozen)
+    assert (
+        yaml.safe_load((project / "data/raw/intents-test.csv.dvc").read_text())["outs"][0]["md5"] == test_md5
+    )
+    assert any(test_md5 in str(p).replace("/", "") for p in remote_files), "the test file must be pushed"
+    prepared_test = pd.read_parquet(project / "data/prepared/test.parquet")
+    assert len(prepared_test) == len(pd.read_csv(frozen))
+    assert set(prepared_test["text"]).isdisjoint(
+        pd.read_parquet(project / "data/prepared/train.parquet")["text"]
+    )
 
     for output in [
         "data/prepared/train.parquet",
@@ -73,6 +86,9 @@ def test_fresh_clone_runs_everything_then_nothing_then_only_what_changed(project
     again = run_cli("tuneloop", "init", cwd=project)
     assert again.returncode == 0, again.stderr
     assert f"md5 {md5}" in again.stdout and "0 file(s) pushed" in again.stdout
+    frozen.unlink()
+    assert run_cli("tuneloop", "init", cwd=project).returncode == 0
+    assert file_md5(frozen) == test_md5, "init brings the same frozen test file back, never a new draw"
 
     second = run_cli("dvc", "repro", cwd=project)
     assert second.returncode == 0, second.stderr
@@ -132,11 +148,12 @@ def _class_below_minimum(frame):
 def test_bad_data_stops_the_pipeline_before_train(project, corrupt, check):
     assert run_cli("tuneloop", "init", cwd=project).returncode == 0
     if corrupt == "leak":
-        # A frozen test file whose rows are also in the training data.
+        # A frozen test file whose rows are also in the training data, with dropping them switched off.
         raw = pd.read_csv(project / "data/raw/intents.csv", dtype=str)
         raw.sample(60, random_state=0).to_csv(project / "data/frozen_test.csv", index=False)
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["data"]["test_path"] = "data/frozen_test.csv"
+        params["prepare"]["drop_test_overlap"] = False
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     else:
         _corrupt_raw(project, corrupt)

@@ -1,4 +1,5 @@
-"""Real Evidently, real predictions, tiny data: stable traffic stays quiet, drift is caught.
+"""Real Evidently, real predictions, tiny data: stable traffic stays quiet, drift is caught; and the
+feedback append, on a real git + DVC project: a pushed data version whose pointer alone is committed.
 
 Two models give the predictions: the tiny transformer adapter trained in seconds (the tuneloop
 inference path, near-chance accuracy) for the false-alarm count and data drift, and a TF-IDF
@@ -8,6 +9,9 @@ accuracy left to lose. Both are real classifiers trained on the sample; nothing 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +20,20 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from monitoring.monitor import Reference, adapter_predictor, build_reference, evaluate_window
+from monitoring.monitor import (
+    Reference,
+    adapter_predictor,
+    append_feedback,
+    build_reference,
+    decide_and_append,
+    evaluate_window,
+    read_state,
+)
 from pipelines.prepare import prepare, write_prepared
 from pipelines.train import train
 from tests.support import REPO_ROOT, settings
 from tuneloop.config import ModelParams, load_params
+from tuneloop.datastore import DataCommitRefused, tracked_md5
 
 LABELS = load_params(REPO_ROOT / "params.yaml").data.labels
 # Fewer bootstrap resamples than the default 1,000 keep the 20 windows quick; the test stays valid.
@@ -201,3 +214,127 @@ def test_relabelled_feedback_is_concept_drift_without_data_drift(prepared_dir, t
     assert recall["close_account"]["shift"] < -0.3  # about a dozen rows: a clear but uncertified drop
     assert not recall["check_order_status"].get("dropped")
     assert result.quality_report is not None
+
+
+# ---------------------------------------------------------------------------- the append, committed
+
+RAW, POINTER = "data/raw/intents.csv", "data/raw/intents.csv.dvc"
+APPEND_DATA = settings("data", raw_path=RAW, labels=("cancel_order", "check_order_status"))
+FEEDBACK = pd.DataFrame(
+    {"text": ["please stop my parcel", "has it shipped yet"], "label": ["cancel_order", "check_order_status"]}
+)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def dvc(cwd: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def data_project(tmp_path, monkeypatch) -> Path:
+    """git + DVC, the raw data tracked and pushed to a local remote, everything committed on `main`."""
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = tmp_path / "project"
+    (project / "data/raw").mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "text": ["cancel my order", "where is my order"],
+            "intent": ["cancel_order", "check_order_status"],
+            "channel": ["app", "email"],
+        }
+    ).to_csv(project / RAW, index=False)
+    (project / "code.py").write_text("print('model code')\n")
+    git(project, "init", "-q", "-b", "main")
+    dvc(project, "init", "-q")
+    dvc(project, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    dvc(project, "add", "-q", RAW)
+    dvc(project, "push", "-q")
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data v1")
+    return project
+
+
+def changed_in(project: Path, rev: str = "HEAD") -> list[str]:
+    return git(project, "diff-tree", "--no-commit-id", "--name-only", "-r", rev).splitlines()
+
+
+def test_a_retrain_decision_appends_pushes_and_commits_the_pointer_alone(data_project, tmp_path):
+    before = git(data_project, "rev-parse", "HEAD")
+    md5_before = tracked_md5(data_project / POINTER)
+    (data_project / "code.py").write_text("print('someone is editing')\n")
+    state = tmp_path / "state.json"
+    summary = {
+        "data_drift": {"detected": False, "drifted_signals": []},
+        "concept_drift": {"detected": True, "drifted_signals": ["accuracy"]},
+    }
+    labelled_log = pd.DataFrame({"text": FEEDBACK["text"], "true_label": FEEDBACK["label"]})
+    params = settings("monitoring", min_labelled_examples=2, data_branch=None)
+
+    decision, appended = decide_and_append(
+        summary, labelled_log, data_project, APPEND_DATA, params, state, datetime.now(UTC)
+    )
+
+    assert decision.retrain and appended is not None and appended.rows_added == 2
+    assert appended.data_commit == git(data_project, "rev-parse", "HEAD") != before
+    assert appended.data_branch == "main" and appended.md5_before == md5_before != appended.md5
+    assert changed_in(data_project) == [POINTER]
+    subject, _, body = git(data_project, "log", "-1", "--format=%B").partition("\n\n")
+    assert subject == (
+        "drift monitor appended 2 labelled feedback rows (concept drift in accuracy; 2 new labelled "
+        f"examples) -> data md5 {appended.md5}"
+    )
+    assert f"md5 {md5_before} -> {appended.md5}" in body
+    assert git(data_project, "status", "--porcelain") == "M code.py"  # left as it was
+    assert read_state(state)["last_data_commit"] == appended.data_commit
+    assert (tmp_path / "remote/files/md5" / appended.md5[:2] / appended.md5[2:]).exists()
+
+
+def test_the_gitignore_dvc_rewrites_is_committed_with_the_pointer(data_project):
+    git(data_project, "rm", "-q", "--cached", "data/raw/.gitignore")
+    (data_project / "data/raw/.gitignore").unlink()
+    git(data_project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "drop the ignore file")
+
+    appended = append_feedback(data_project, Path(RAW), FEEDBACK, APPEND_DATA, "unknown", reasons=["test"])
+
+    assert sorted(changed_in(data_project, appended.data_commit)) == ["data/raw/.gitignore", POINTER]
+    assert git(data_project, "status", "--porcelain") == ""
+
+
+def test_other_staged_changes_refuse_before_anything_is_written(data_project, tmp_path):
+    (data_project / "code.py").write_text("print('staged by someone')\n")
+    git(data_project, "add", "code.py")
+    raw_before, pointer_before = (data_project / RAW).read_bytes(), (data_project / POINTER).read_bytes()
+    remote_files = sorted((tmp_path / "remote").rglob("*"))
+
+    with pytest.raises(DataCommitRefused, match="other changes are staged"):
+        append_feedback(data_project, Path(RAW), FEEDBACK, APPEND_DATA, "unknown")
+
+    assert (data_project / RAW).read_bytes() == raw_before
+    assert (data_project / POINTER).read_bytes() == pointer_before
+    assert sorted((tmp_path / "remote").rglob("*")) == remote_files
+
+
+def test_a_configured_data_branch_gets_the_commit_and_head_stays(data_project):
+    head = git(data_project, "rev-parse", "HEAD")
+
+    appended = append_feedback(
+        data_project,
+        Path(RAW),
+        FEEDBACK,
+        APPEND_DATA,
+        "unknown",
+        data_branch="data-versions",
+        reasons=["test"],
+    )
+
+    assert (
+        appended.data_branch == "data-versions"
+        and git(data_project, "rev-parse", "data-versions") == appended.data_commit
+    )
+    assert git(data_project, "rev-parse", "HEAD") == head
+    assert changed_in(data_project, "data-versions") == [POINTER]
+    assert git(data_project, "status", "--porcelain") == f"M {POINTER}"

@@ -1,9 +1,10 @@
 """The `monitor-drift` flow end to end on a real Prefect server, a real inference log and DVC.
 
 Drifted, labelled traffic (predicted by the tiny adapter) goes through the gateway's log writer;
-the flow detects drift, appends the feedback as a new DVC data version (pushed to the remote),
-logs to MLflow, writes the Prometheus summary, publishes the alert artifact, and starts a run of
-the `continuous-training/nightly` deployment. A second run right after is held by the cool-down.
+the flow detects drift, appends the feedback as a new DVC data version (pushed to the remote, its
+pointer committed to git), logs to MLflow, writes the Prometheus summary, publishes the alert
+artifact, and starts a run of the `continuous-training/nightly` deployment on that commit. A second
+run right after is held by the cool-down.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from monitoring.monitor import MONITORING_EXPERIMENT, adapter_predictor
 from pipelines.prepare import prepare, write_prepared
 from pipelines.train import train
-from tests.support import REPO_ROOT, settings
+from tests.support import REPO_ROOT, git, settings
 from tuneloop.config import Environment, ModelParams, load_params
 from tuneloop.datastore import init_project, tracked_md5
 
@@ -124,10 +125,18 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     md5_after = tracked_md5(project / RAW_POINTER)
     assert md5_after == appended["md5"] != md5_before
     assert (Path(env.dvc_remote_url) / "files/md5" / md5_after[:2] / md5_after[2:]).exists()
+    # The pointer, and only it, is committed; the training is started on that commit.
+    data_commit = appended["data_commit"]
+    assert data_commit == git(project, "rev-parse", "HEAD").strip()
+    assert git(project, "diff-tree", "--no-commit-id", "--name-only", "-r", "HEAD").split() == [RAW_POINTER]
+    assert git(project, "log", "-1", "--format=%s").startswith(
+        f"drift monitor appended {appended['rows_added']} labelled feedback rows ("
+    )
+    assert result["training_data_rev"] == data_commit
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(result["training_flow_run_id"])
-        assert run.parameters == {"reason": "drift", "data_rev": None}
+        assert run.parameters == {"reason": "drift", "data_rev": data_commit}
         alerts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ALERT_ARTIFACT_KEY]))
         )
@@ -140,7 +149,10 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     experiment = client.get_experiment_by_name(MONITORING_EXPERIMENT)
     logged = {item.path for item in client.list_artifacts(result["mlflow_run_id"], "drift")}
     assert {"drift/text_drift.html", "drift/prediction_drift.html", "drift/summary.json"} <= logged
-    assert client.get_run(result["mlflow_run_id"]).info.experiment_id == experiment.experiment_id
+    monitoring_run = client.get_run(result["mlflow_run_id"])
+    assert monitoring_run.info.experiment_id == experiment.experiment_id
+    assert monitoring_run.data.tags["tuneloop.data_commit"] == data_commit
+    assert monitoring_run.data.tags["tuneloop.decision"] == "retrain"
 
     # New labelled traffic right after the trigger: enough to retrain, but inside the cool-down.
     log_drifted_traffic(env.inference_log_url, adapter, drifted.iloc[200:], first_id=200)
@@ -149,3 +161,4 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     assert "cool-down" in again["decision"]["reasons"][-1]
     assert "training_flow_run_id" not in again
     assert tracked_md5(project / RAW_POINTER) == md5_after
+    assert git(project, "rev-parse", "HEAD").strip() == data_commit

@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
+import yaml
 
 from pipelines.prepare import map_columns, split_stratified
-from tests.support import settings
+from tests.support import REPO_ROOT, settings
 from tuneloop.text import normalise_whitespace
 
 DATA = settings(
@@ -13,6 +14,7 @@ DATA = settings(
     group_columns=("channel",),
     labels=("a", "b"),
 )
+DATA_ABC = DATA.model_copy(update={"labels": ("a", "b", "c")})
 
 
 def test_map_columns_renames_and_keeps_groups():
@@ -64,3 +66,64 @@ def test_frozen_test_frame_is_used_as_is():
     splits = split_stratified(_frame(20), 0.1, 0.2, seed=1, test_frame=test)
     assert splits["test"].text.tolist() == ["frozen"]
     assert len(splits["train"]) + len(splits["val"]) == 60
+
+
+def _write_raw(frame: pd.DataFrame, path):
+    frame.rename(columns={"text": "utterance", "label": "intent"}).assign(channel="chat").to_csv(
+        path, index=False
+    )
+    return path
+
+
+def test_frozen_test_file_is_the_test_split_and_its_texts_leave_train_and_val(tmp_path):
+    from pipelines.prepare import prepare
+
+    raw = _frame(30)
+    frozen = raw.iloc[::10].assign(text=lambda rows: rows["text"].str.upper() + "?")
+    params = settings("prepare", drop_test_overlap=True)
+    result = prepare(
+        _write_raw(raw, tmp_path / "raw.csv"), DATA_ABC, params, _write_raw(frozen, tmp_path / "test.csv")
+    )
+    assert result.splits["test"]["text"].tolist() == frozen["text"].tolist()
+    assert result.dropped_test_overlap == len(frozen)
+    trained = set(result.splits["train"]["text"]) | set(result.splits["val"]["text"])
+    assert trained.isdisjoint(raw.iloc[::10]["text"])
+    assert len(trained) == len(raw) - len(frozen)
+
+
+def test_appending_rows_to_the_raw_data_never_changes_the_test_split(tmp_path):
+    """The frozen promise: feedback appended to the raw data lands in train/val, the test split stays."""
+    from pipelines.prepare import prepare
+
+    params = settings("prepare", drop_test_overlap=True)
+    raw = _frame(30)
+    test_file = _write_raw(raw.iloc[::5], tmp_path / "test.csv")
+    before = prepare(_write_raw(raw, tmp_path / "raw.csv"), DATA_ABC, params, test_file).splits
+    grown = pd.concat([raw, _frame(45).iloc[30:]], ignore_index=True)
+    after = prepare(_write_raw(grown, tmp_path / "raw.csv"), DATA_ABC, params, test_file).splits
+    pd.testing.assert_frame_equal(before["test"], after["test"])
+    assert len(after["train"]) + len(after["val"]) > len(before["train"]) + len(before["val"])
+
+
+def test_without_dropping_the_overlap_stays_for_validate_to_refuse(tmp_path):
+    from pipelines.prepare import prepare
+
+    raw = _frame(30)
+    params = settings("prepare", drop_test_overlap=False)
+    result = prepare(
+        _write_raw(raw, tmp_path / "raw.csv"), DATA_ABC, params, _write_raw(raw.head(3), tmp_path / "t.csv")
+    )
+    assert result.dropped_test_overlap == 0
+    trained = set(result.splits["train"]["text"]) | set(result.splits["val"]["text"])
+    assert set(raw.head(3)["text"]) <= trained
+
+
+def test_the_stage_refuses_to_redraw_a_test_split_without_a_frozen_file(tmp_path, monkeypatch):
+    from pipelines.prepare import main
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["test_path"] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="data.test_path is not set"):
+        main(["--params", "params.yaml", "--out-dir", str(tmp_path / "out")])
