@@ -27,7 +27,7 @@ import pandas as pd
 from evaluation.drift import PREDICTED, TEXT, TRUE_LABEL, DriftResult, detect_drift, document_frequencies
 from serving.metrics import write_drift_summary
 from tuneloop.config import DataParams, Environment, MonitoringParams, load_params
-from tuneloop.datastore import add_and_push, check_data_commit, commit_data_version, tracked_md5
+from tuneloop.datastore import add_and_push, check_data_commit, commit_data_version, tracked_md5, write_table
 from tuneloop.io import file_md5, read_json, read_table, write_json
 from tuneloop.text import fold_text, normalise_whitespace
 
@@ -271,25 +271,6 @@ def data_commit_message(
     if rejected:
         lines.append(f"Feedback with labels outside data.labels, not appended: {rejected}")
     return "\n".join(lines) + "\n"
-
-
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    """Write by extension (the formats ``read_table`` reads), atomically: a crash leaves the old file."""
-    suffix = path.suffix.lower()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=suffix, delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        if suffix == ".csv":
-            frame.to_csv(temporary, index=False)
-        elif suffix in {".parquet", ".pq"}:
-            frame.to_parquet(temporary, index=False)
-        elif suffix in {".jsonl", ".ndjson"}:
-            frame.to_json(temporary, orient="records", lines=True, force_ascii=False)
-        else:
-            raise ValueError(f"{path}: unsupported extension {suffix!r}; use .csv, .parquet or .jsonl")
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def append_feedback(

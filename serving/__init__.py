@@ -1,0 +1,1 @@
+"""Inference code and the serving stack: pyfunc model, model-server supervisor, gateway, inference log."""

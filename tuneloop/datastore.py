@@ -10,6 +10,7 @@ import io
 import logging
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -283,16 +284,22 @@ def split_frozen_test(
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
-    """Write by extension, in the formats ``read_table`` reads."""
+    """Write by extension (the formats ``read_table`` reads), atomically: a crash leaves the old file."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame.to_csv(path, index=False)
-    elif suffix in {".parquet", ".pq"}:
-        frame.to_parquet(path, index=False)
-    elif suffix in {".jsonl", ".ndjson"}:
-        frame.to_json(path, orient="records", lines=True, force_ascii=False)
-    else:
-        raise ValueError(f"{path}: unsupported extension {suffix!r}; use .csv, .parquet or .jsonl")
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=suffix, delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        if suffix == ".csv":
+            frame.to_csv(temporary, index=False)
+        elif suffix in {".parquet", ".pq"}:
+            frame.to_parquet(temporary, index=False)
+        elif suffix in {".jsonl", ".ndjson"}:
+            frame.to_json(temporary, orient="records", lines=True, force_ascii=False)
+        else:
+            raise ValueError(f"{path}: unsupported extension {suffix!r}; use .csv, .parquet or .jsonl")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ `tuneloop init --data FILE`
