@@ -6,7 +6,19 @@ import random
 
 import pytest
 
-from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK, PiiMasker, mask_pii
+from serving.pii import (
+    ADDRESS_MASK,
+    CARD_MASK,
+    DATE_OF_BIRTH_MASK,
+    EMAIL_MASK,
+    IBAN_MASK,
+    IP_ADDRESS_MASK,
+    NATIONAL_ID_MASK,
+    PASSPORT_MASK,
+    PHONE_MASK,
+    PiiMasker,
+    mask_pii,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +40,19 @@ from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK, PiiMasker,
         ("call +44 20 7946 0958 now", f"call {PHONE_MASK} now"),
         ("my number is (415) 555-2671", f"my number is {PHONE_MASK}"),
         ("ring +49 30 901820", f"ring {PHONE_MASK}"),
+        # Full-width digits and mixed separators are folded before matching; the rest stays as typed.
+        ("ｃａｒｄ ４１１１ １１１１ １１１１ １１１１", f"ｃａｒｄ {CARD_MASK}"),
+        ("card 4111 1111-1111.1111!", f"card {CARD_MASK}!"),
+        ("card 4111\u200b1111\u200b1111\u200b1111", f"card {CARD_MASK}"),
+        ("ssn 457-90-7841.", f"ssn {NATIONAL_ID_MASK}."),
+        ("BSN: 698797309", f"BSN: {NATIONAL_ID_MASK}"),
+        ("DNI 83194893-Y", f"DNI {NATIONAL_ID_MASK}"),
+        ("born on 12 March 1985", f"born on {DATE_OF_BIRTH_MASK}"),
+        ("DOB: 03/12/85", f"DOB: {DATE_OF_BIRTH_MASK}"),
+        ("passport no. X1234567", f"passport no. {PASSPORT_MASK}"),
+        ("from 203.0.113.9 and 2001:db8::1", f"from {IP_ADDRESS_MASK} and {IP_ADDRESS_MASK}"),
+        ("ship to 42 Elm Street, Springfield, IL 62704 asap", f"ship to {ADDRESS_MASK} asap"),
+        ("PO Box 77", ADDRESS_MASK),
     ],
 )
 def test_each_kind_of_pii_is_masked(text: str, expected: str) -> None:
@@ -49,6 +74,13 @@ def test_each_kind_of_pii_is_masked(text: str, expected: str) -> None:
         "I was charged 120.50 twice",
         "promo code SAVE20 does not work",
         "email me@ is broken",
+        # Recent dates are orders and deliveries, not birthdays; versions are not IP addresses.
+        "my order from 12/03/2025 never arrived",
+        "app version 1.2.3.4 crashes",
+        "the meeting is at 10:30:45",
+        "a 15 minute drive from the store",
+        "product code AB1234567",
+        "invoice INV-2025-000123 is wrong",
     ],
 )
 def test_text_without_pii_is_left_alone(text: str) -> None:
@@ -77,3 +109,16 @@ def test_masking_never_raises_on_arbitrary_text() -> None:
     for _ in range(2_000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         assert isinstance(masker.mask(text), str)
+
+
+def test_placeholders_in_the_input_are_kept_and_masking_twice_changes_nothing() -> None:
+    text = "passport <PASSPORT> and card 4111 1111 1111 1111, born 1985-03-12"
+    once = mask_pii(text)
+    assert once == f"passport {PASSPORT_MASK} and card {CARD_MASK}, born {DATE_OF_BIRTH_MASK}"
+    assert mask_pii(once) == once
+
+
+def test_a_run_of_digits_holding_two_numbers_masks_both() -> None:
+    # A card and a French NIR, separated only by a space: one candidate, two valid slices.
+    text = "4111 1111 1111 1111 175067822160924"
+    assert mask_pii(text) == f"{CARD_MASK} {NATIONAL_ID_MASK}"
