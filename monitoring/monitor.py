@@ -125,18 +125,37 @@ def reference_key(model_id: str, prepared_dir: Path, params: MonitoringParams) -
 
 
 def build_reference(
-    predictor: Predictor, prepared_dir: Path, params: MonitoringParams, model_id: str, cache_dir: Path
+    predictor: Predictor,
+    prepared_dir: Path,
+    params: MonitoringParams,
+    model_id: str,
+    cache_dir: Path,
+    *,
+    phone_region: str = "US",
 ) -> Reference:
-    """Reference frames with the model's predictions, cached per model version and data version."""
+    """Reference frames with the model's predictions, cached per model version and data version.
+
+    Texts (and the vocabulary) are PII-masked as the gateway masks the inference log, with the same
+    ``phone_region`` (``gateway.pii_phone_region``), so that placeholders never read as drift. The
+    model still predicts on the texts as written, as it did on the logged traffic.
+    """
+    from serving.pii import PiiMasker
+
+    masker = PiiMasker(phone_region=phone_region)
+
+    def masked(frame: pd.DataFrame) -> pd.DataFrame:
+        # Masking is idempotent, so frames cached before texts were masked come out as new ones do.
+        return frame.assign(**{TEXT: [masker.mask(text) for text in frame[TEXT].astype(str)]})
+
     key = reference_key(model_id, prepared_dir, params)
     folder = cache_dir / key
     train = pd.read_parquet(prepared_dir / "train.parquet")
-    vocabulary = document_frequencies(train["text"].astype(str))
+    vocabulary = document_frequencies(masker.mask(text) for text in train["text"].astype(str))
     if (folder / "reference.parquet").exists() and (folder / "quality.parquet").exists():
         log.info("reference for %s from cache %s", model_id, folder)
         return Reference(
-            pd.read_parquet(folder / "reference.parquet"),
-            pd.read_parquet(folder / "quality.parquet"),
+            masked(pd.read_parquet(folder / "reference.parquet")),
+            masked(pd.read_parquet(folder / "quality.parquet")),
             vocabulary,
             key,
         )
@@ -148,7 +167,7 @@ def build_reference(
         frames.append(
             pd.DataFrame(
                 {
-                    TEXT: part["text"].astype(str).to_numpy(),
+                    TEXT: [masker.mask(text) for text in part["text"].astype(str)],
                     PREDICTED: predicted["label"].astype(str).to_numpy(),
                     "score": predicted["score"].astype(float).to_numpy(),
                     TRUE_LABEL: part["label"].astype(str).to_numpy(),
@@ -608,10 +627,20 @@ def monitor_once(
         )
         return NotEnoughTraffic(len(window))
     lookback = timedelta(hours=params.monitoring.feedback_lookback_hours)
-    labelled_log = labelled_rows(env.inference_log_url, (now or datetime.now(UTC)) - lookback)
+    from serving.inference_log import cap_feedback_share
+
+    labelled_log = cap_feedback_share(
+        labelled_rows(env.inference_log_url, (now or datetime.now(UTC)) - lookback),
+        params.monitoring.max_feedback_share_per_principal,
+    )
     uri = None if adapter_dir else (model_uri or window_model_uri(window, params.registry.model_name))
     model_id, predictor = model_identity(uri, adapter_dir, env.tracking_uri)
     reference = build_reference(
-        predictor, Path(prepared_dir), params.monitoring, model_id, env.paths.reference_cache
+        predictor,
+        Path(prepared_dir),
+        params.monitoring,
+        model_id,
+        env.paths.reference_cache,
+        phone_region=params.gateway.pii_phone_region,
     )
     return run_monitor(window, labelled_log, reference, env, Path(params_path), append=append, now=now)

@@ -1,1 +1,1 @@
-"""The DVC stages (prepare, validate, train, evaluate) and what only they use; `python -m pipelines.<stage>`."""
+"""The DVC stages (prepare, validate, train, evaluate) and their helpers; `python -m pipelines.<stage>`."""

@@ -108,7 +108,7 @@ def evaluate(
     behavioural = behavioural_tests(predict_labels, texts, label_names, behavioural_cases, params.behavioural)
     metrics.update(behavioural["metrics"])
 
-    gates = evaluate_gates(metrics, {**params.gates.model_dump(), **params.behavioural.gates.model_dump()})
+    gates = evaluate_gates(metrics, params.gate_thresholds())
     predictions = test_frame.assign(
         predicted=[label_names[i] for i in y_pred], score=probabilities.max(axis=1)
     )

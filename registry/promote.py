@@ -66,7 +66,7 @@ def previous_alias(alias: str) -> str:
 
 
 def promotion_refusals(
-    facts: VersionFacts, to: str, gate_thresholds: dict[str, float] | None = None
+    facts: VersionFacts, to: str, gate_thresholds: dict[str, float | None] | None = None
 ) -> list[str]:
     """Every reason ``facts`` may not take alias ``to``; empty when it may.
 
@@ -92,7 +92,11 @@ def promotion_refusals(
         reasons.append(f"v{v} failed its gates at registration ({failed})")
     elif gate_thresholds:
         recorded = metrics_from_tags(facts.tags)
-        missing = sorted(gate for gate in gate_thresholds if GATE_METRICS[gate] not in recorded)
+        missing = sorted(
+            gate
+            for gate, threshold in gate_thresholds.items()
+            if threshold is not None and GATE_METRICS[gate] not in recorded
+        )
         if missing:
             reasons.append(f"v{v} has no recorded metric for gates {missing}; cannot re-check them")
         else:
@@ -163,7 +167,7 @@ def promote(
     version: str | None = None,
     actor: str | None = None,
     reason: str = "",
-    gate_thresholds: dict[str, float] | None = None,
+    gate_thresholds: dict[str, float | None] | None = None,
 ) -> AuditEntry:
     """Move ``to`` (default `prod`) to ``version`` (default: the current `dev`) if the rules allow it."""
     actor = actor or default_actor()

@@ -12,7 +12,13 @@ milliseconds to every request.
 JWTs are what an OAuth2 client-credentials flow hands a service: signed by the issuer, checked here
 for signature, ``exp``, ``iss`` and ``aud``; scopes come from the ``scope`` claim (space-separated,
 RFC 8693/9068) or ``scp`` (a list, as Okta and Entra ID write it). The key is a shared secret (HS*),
-a PEM public key, or the issuer's JWKS URL.
+a PEM public key, or the issuer's JWKS URL, fetched with a short timeout: an issuer that does not
+answer makes requests fail fast with a 503, never hang.
+
+A refusal tells the caller nothing about which check failed (a 401 body is the same for a missing,
+malformed, unknown, revoked or expired credential, and never echoes a token's ``kid``); the reason
+goes to the server log. Failed attempts are rate-limited per client address before any hashing,
+token decoding or key fetching, so an unauthenticated flood costs the gateway little.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,12 +42,21 @@ from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from filelock import FileLock
 
+from serving.limits import Refusal, TokenBucketLimiter
 from tuneloop.config import Environment
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("predict", "feedback", "admin")
 API_KEY_PREFIX = "tlk_"
 API_KEY_HEADER = "X-API-Key"
 REALM = "tuneloop"
+# The one 401 message: which check failed is in the server log only.
+UNAUTHORIZED_DETAIL = (
+    f"authentication required: send a valid API key ({API_KEY_HEADER} or Authorization: Bearer) "
+    "or access token"
+)
+JWKS_RETRY_AFTER_S = "5"
 
 
 @dataclass(frozen=True)
@@ -55,12 +71,25 @@ class Principal:
         return scope in self.scopes or "admin" in self.scopes
 
     @property
-    def rate_limit_key(self) -> str:
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+    @property
+    def id(self) -> str:
+        """``api_key:<key id>`` or ``jwt:<subject>``: stored on log rows; the prefix keeps the two apart."""
         return f"{self.method}:{self.subject}"
+
+    @property
+    def rate_limit_key(self) -> str:
+        return self.id
 
 
 class AuthError(Exception):
-    """Credentials were given but are not acceptable; the message says why (never echoes the secret)."""
+    """Credentials were given but are not acceptable; the message says why, for the server log only."""
+
+
+class AuthUnavailable(Exception):
+    """The credential cannot be checked now (the issuer's JWKS endpoint did not answer in time)."""
 
 
 def _check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
@@ -184,18 +213,24 @@ class JwtSettings:
     key: str | None = None
     jwks_url: str | None = None
     leeway_s: float = 30.0
+    # Longest wait for the issuer's JWKS endpoint; past it the request is a 503, not a hang.
+    jwks_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         if (self.key is None) == (self.jwks_url is None):
             raise ValueError("JWT verification needs exactly one of a key (secret or PEM) or a JWKS URL")
         if not self.audience:
             raise ValueError("JWT verification needs an audience (TUNELOOP_JWT_AUDIENCE)")
+        if self.jwks_timeout_s <= 0:
+            raise ValueError("jwks_timeout_s must be > 0")
 
 
 class JwtVerifier:
     def __init__(self, settings: JwtSettings) -> None:
         self.settings = settings
-        self._jwks = jwt.PyJWKClient(settings.jwks_url) if settings.jwks_url else None
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwks_url, timeout=settings.jwks_timeout_s) if settings.jwks_url else None
+        )
 
     @property
     def needs_network(self) -> bool:
@@ -221,6 +256,8 @@ class JwtVerifier:
             )
         except jwt.ExpiredSignatureError as error:
             raise AuthError("token expired") from error
+        except jwt.PyJWKClientConnectionError as error:
+            raise AuthUnavailable(f"JWKS endpoint {settings.jwks_url} failed: {error}") from error
         except jwt.PyJWKClientError as error:
             raise AuthError(f"token signing key not found: {error}") from error
         except jwt.InvalidTokenError as error:
@@ -237,7 +274,9 @@ def _token_scopes(claims: dict) -> frozenset[str]:
     return frozenset(values)
 
 
-def jwt_settings_from_environment(environment: Environment, leeway_s: float) -> JwtSettings | None:
+def jwt_settings_from_environment(
+    environment: Environment, leeway_s: float, jwks_timeout_s: float = 3.0
+) -> JwtSettings | None:
     """JWT settings from the environment, or None when no issuer is configured (API keys only)."""
     if not environment.jwt_issuer:
         return None
@@ -251,69 +290,96 @@ def jwt_settings_from_environment(environment: Environment, leeway_s: float) -> 
         key=key,
         jwks_url=environment.jwt_jwks_url,
         leeway_s=leeway_s,
+        jwks_timeout_s=jwks_timeout_s,
     )
 
 
 # ---------------------------------------------------------------------------------- FastAPI dependencies
 
 
-def _unauthorized(description: str, error: str | None = "invalid_token") -> HTTPException:
-    challenge = f'Bearer realm="{REALM}"'
-    if error:
-        quoted = description.replace('"', "'").replace("\\", "/")
-        challenge += f', error="{error}", error_description="{quoted}"'
-    return HTTPException(status_code=401, detail=description, headers={"WWW-Authenticate": challenge})
+def _unauthorized(presented: bool) -> HTTPException:
+    """The same 401 whatever failed; ``error="invalid_token"`` only says a credential was sent (RFC 6750)."""
+    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if presented else "")
+    return HTTPException(status_code=401, detail=UNAUTHORIZED_DETAIL, headers={"WWW-Authenticate": challenge})
+
+
+def client_address(request: Request) -> str:
+    """The peer's address (behind a proxy, run uvicorn with --proxy-headers to get the real client)."""
+    return request.client.host if request.client else "unknown"
 
 
 @dataclass
 class Authenticator:
-    """Turns a request's credentials into a :class:`Principal`, or a 401/403 that says why."""
+    """Turns a request's credentials into a :class:`Principal`, or a 401/403/429/503.
+
+    ``failed_auth_rate_per_s`` / ``failed_auth_burst``: a token bucket per client address charged one
+    token per failed attempt; while it is empty the address gets a 429 before its credential is looked at.
+    """
 
     api_keys: ApiKeyStore | None = None
     jwt_verifier: JwtVerifier | None = None
+    failed_auth_rate_per_s: float = 1.0
+    failed_auth_burst: int = 20
+    _failures: TokenBucketLimiter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.api_keys is None and self.jwt_verifier is None:
             raise ValueError("an Authenticator needs an API key file, JWT settings, or both")
+        self._failures = TokenBucketLimiter(self.failed_auth_rate_per_s, self.failed_auth_burst)
 
     async def authenticate(self, request: Request) -> Principal:
-        return await self._authenticate(*_presented_credential(request))
-
-    async def _authenticate(self, credential: str | None, kind: str) -> Principal:
-        if credential is None:
-            raise _unauthorized(
-                f"credentials required: 'Authorization: Bearer <API key or token>' or '{API_KEY_HEADER}'",
-                error=None,
+        address = client_address(request)
+        wait_s = self._failures.try_acquire(address, take=False)
+        if wait_s > 0:
+            raise TokenBucketLimiter.refusal(
+                wait_s, "too many failed authentication attempts from this address", "auth_rate_limited"
             )
+        credential, kind = _presented_credential(request)
         try:
-            if kind == "api_key" or credential.startswith(API_KEY_PREFIX):
-                if self.api_keys is None:
-                    raise AuthError("API keys are not enabled on this gateway")
-                return self.api_keys.verify(credential)
-            if self.jwt_verifier is None:
-                raise AuthError("bearer tokens are not enabled on this gateway; use an API key")
-            if self.jwt_verifier.needs_network:
-                return await anyio.to_thread.run_sync(self.jwt_verifier.verify, credential)
-            return self.jwt_verifier.verify(credential)
+            return await self._verify(credential, kind)
         except AuthError as error:
-            raise _unauthorized(str(error)) from error
+            self._failures.try_acquire(address)
+            # repr: a token's claims or `kid` could carry line breaks into the log.
+            log.warning(
+                "authentication failed from %s (%s): %r", address, kind or "no credential", str(error)
+            )
+            raise _unauthorized(presented=credential is not None) from error
+        except AuthUnavailable as error:
+            self._failures.try_acquire(address)
+            log.error("authentication unavailable for a request from %s: %r", address, str(error))
+            raise Refusal(
+                503,
+                "auth_unavailable",
+                "the credentials cannot be verified right now; retry later",
+                headers={"Retry-After": JWKS_RETRY_AFTER_S},
+            ) from error
 
-    def require(self, scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    async def _verify(self, credential: str | None, kind: str) -> Principal:
+        if credential is None:
+            raise AuthError("no credentials")
+        if kind == "api_key" or credential.startswith(API_KEY_PREFIX):
+            if self.api_keys is None:
+                raise AuthError("API keys are not enabled on this gateway")
+            return self.api_keys.verify(credential)
+        if self.jwt_verifier is None:
+            raise AuthError("bearer tokens are not enabled on this gateway; use an API key")
+        if self.jwt_verifier.needs_network:
+            return await anyio.to_thread.run_sync(self.jwt_verifier.verify, credential)
+        return self.jwt_verifier.verify(credential)
+
+    def require(self, scope: str) -> Callable[..., Awaitable[Principal]]:
         """A FastAPI dependency: the caller, who must hold ``scope`` (or ``admin``)."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
 
-        # The security schemes make OpenAPI (and the /docs "Authorize" button) show both ways in;
-        # auto_error=False because the refusal, with its challenge, is ours to write.
+        # The security schemes make OpenAPI (and the /docs "Authorize" button) show both ways in; the
+        # credential itself is read from the request by `authenticate`, whose refusals are ours to write.
         async def dependency(
             request: Request,
             api_key: str | None = _API_KEY_PARAM,
             bearer: HTTPAuthorizationCredentials | None = _BEARER_PARAM,
         ) -> Principal:
-            if api_key:
-                principal = await self._authenticate(api_key.strip(), "api_key")
-            else:
-                principal = await self._authenticate(bearer.credentials.strip() if bearer else None, "bearer")
+            principal = await self.authenticate(request)
             if not principal.allows(scope):
                 held = sorted(principal.scopes)
                 challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"'
@@ -345,11 +411,20 @@ def _presented_credential(request: Request) -> tuple[str | None, str]:
     return None, ""
 
 
-def authenticator_from_environment(environment: Environment, leeway_s: float = 30.0) -> Authenticator:
+def authenticator_from_environment(
+    environment: Environment,
+    leeway_s: float = 30.0,
+    *,
+    jwks_timeout_s: float = 3.0,
+    failed_auth_rate_per_s: float = 1.0,
+    failed_auth_burst: int = 20,
+) -> Authenticator:
     """The gateway's authenticator: the key file (always) and JWT verification when configured."""
-    settings = jwt_settings_from_environment(environment, leeway_s)
+    settings = jwt_settings_from_environment(environment, leeway_s, jwks_timeout_s)
     keys_path = environment.api_keys_path or environment.home_dir / "api_keys.json"
     return Authenticator(
         api_keys=ApiKeyStore(keys_path),
         jwt_verifier=JwtVerifier(settings) if settings else None,
+        failed_auth_rate_per_s=failed_auth_rate_per_s,
+        failed_auth_burst=failed_auth_burst,
     )

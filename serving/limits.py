@@ -3,9 +3,10 @@
 Every refusal is a :class:`Refusal`: a 4xx whose JSON body names the rule (``error``) and explains it
 (``detail``), never a stack trace and never the refused input echoed back (it may hold PII).
 
-The per-key rate limit is a token bucket kept in the gateway process. It is written here rather than
-taken from the ``limits`` package because that package offers fixed and moving windows, not a
-bucket that allows a burst and then a steady rate, and one process needs no shared storage. With
+The per-key rate limit is a token bucket kept in the gateway process, charged one token per predicted
+text (a batch of 50 costs 50), so batching cannot multiply a caller's allowance. It is written here
+rather than taken from the ``limits`` package because that package offers fixed and moving windows,
+not a bucket that allows a burst and then a steady rate, and one process needs no shared storage. With
 several gateway replicas each enforces its own bucket (the effective limit is replicas × rate); a
 shared limit would need Redis, which ``limits`` supports.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,7 +57,10 @@ async def refusal_handler(request: Request, refusal: Refusal) -> JSONResponse:
 async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's own validation errors, in the refusal format and without echoing the input."""
     refusal = Refusal(
-        422, "invalid_request", "the request does not match the schema", problems=_problems(error.errors())
+        422,
+        "invalid_request",
+        "the request does not match the schema",
+        problems=validation_problems(error.errors()),
     )
     return refusal.response(request)
 
@@ -71,7 +76,7 @@ async def unexpected_error_handler(request: Request, _: Exception) -> JSONRespon
     return JSONResponse(body, status_code=500)
 
 
-def _problems(errors: Sequence[Any]) -> list[dict[str, str]]:
+def validation_problems(errors: Sequence[Any]) -> list[dict[str, str]]:
     return [
         {
             "location": ".".join(str(part) for part in error.get("loc", ())),
@@ -91,7 +96,7 @@ class _Bucket:
 
 
 class TokenBucketLimiter:
-    """Per-key token bucket: ``burst`` requests at once, refilled at ``rate_per_s``."""
+    """Per-key token bucket: ``burst`` tokens at once, refilled at ``rate_per_s``."""
 
     # Buckets idle long enough to be full again carry no state; drop them past this many keys.
     MAX_TRACKED_KEYS = 10_000
@@ -103,8 +108,11 @@ class TokenBucketLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
-    def try_acquire(self, key: str, cost: float = 1.0) -> float:
-        """Take ``cost`` tokens; 0.0 when allowed, else the seconds to wait before it would be."""
+    def try_acquire(self, key: str, cost: float = 1.0, *, take: bool = True) -> float:
+        """Take ``cost`` tokens; 0.0 when allowed, else the seconds to wait before it would be.
+
+        ``take=False`` only asks: a caller whose bucket is empty is refused before any work is done.
+        """
         with self._lock:
             now = self._clock()
             bucket = self._buckets.get(key)
@@ -115,22 +123,38 @@ class TokenBucketLimiter:
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
             bucket.updated = now
             if bucket.tokens >= cost:
-                bucket.tokens -= cost
+                if take:
+                    bucket.tokens -= cost
                 return 0.0
             return (cost - bucket.tokens) / self.rate_per_s
 
-    def check(self, key: str) -> None:
-        """Raise a 429 refusal with ``Retry-After`` (whole seconds, rounded up) when over the limit."""
-        wait_s = self.try_acquire(key)
-        if wait_s > 0:
-            retry_after = max(1, math.ceil(wait_s))
+    def check(self, key: str, cost: int = 1, *, take: bool = True) -> None:
+        """Raise a 429 refusal with ``Retry-After`` (whole seconds, rounded up) when over the limit.
+
+        ``cost`` is the number of texts; a batch larger than the burst could never pass, so it is a
+        422 that says so rather than a 429 that would be retried forever.
+        """
+        if cost > self.burst:
             raise Refusal(
-                429,
-                "rate_limited",
-                f"rate limit of {self.rate_per_s:g} requests/s (burst {self.burst}) exceeded for these "
-                f"credentials; retry after {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
+                422,
+                "batch_too_large",
+                f"{cost} texts in one request; the rate limit of these credentials allows at most "
+                f"{self.burst} at once",
             )
+        wait_s = self.try_acquire(key, cost, take=take)
+        if wait_s > 0:
+            raise self.refusal(
+                wait_s,
+                f"rate limit of {self.rate_per_s:g} texts/s (burst {self.burst}) exceeded for these "
+                f"credentials (this request needs {cost})",
+            )
+
+    @staticmethod
+    def refusal(wait_s: float, why: str, error: str = "rate_limited") -> Refusal:
+        retry_after = max(1, math.ceil(wait_s))
+        return Refusal(
+            429, error, f"{why}; retry after {retry_after} s", headers={"Retry-After": str(retry_after)}
+        )
 
     def _forget_full_buckets(self, now: float) -> None:
         full_after_s = self.burst / self.rate_per_s
@@ -140,18 +164,18 @@ class TokenBucketLimiter:
 # ----------------------------------------------------------------------------------------- request body
 
 
-def _media_type(request: Request) -> str:
+def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 async def read_body(request: Request, max_bytes: int, allowed_types: Sequence[str] = JSON_TYPES) -> str:
     """The body as text, after the content-type, size and UTF-8 checks (415, 413, 400)."""
-    media_type = _media_type(request)
-    if media_type not in allowed_types:
+    given = media_type(request)
+    if given not in allowed_types:
         raise Refusal(
             415,
             "unsupported_media_type",
-            f"Content-Type must be {' or '.join(allowed_types)}; got {media_type or 'none'}",
+            f"Content-Type must be {' or '.join(allowed_types)}; got {given or 'none'}",
         )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -195,18 +219,41 @@ async def read_json_model(request: Request, model: type[ModelT], max_bytes: int)
             422,
             "invalid_request",
             "the request does not match the schema",
-            problems=_problems(error.errors()),
+            problems=validation_problems(error.errors()),
         ) from error
+
+
+# C0 and C1 control characters and DEL, except tab and newline: a NUL truncates text in C libraries and
+# PostgreSQL refuses it, and the others only hide content from whoever reads the log.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def check_no_control_characters(value: str, what: str, **extra: Any) -> None:
+    """A 400 naming the first control character (other than tab and newline) in ``value`` and where it is.
+
+    Refused rather than stripped so that what is predicted, logged and labelled is what the caller sent.
+    """
+    found = _CONTROL_CHARACTER.search(value)
+    if found is not None:
+        raise Refusal(
+            400,
+            "control_character",
+            f"{what} contains the control character U+{ord(found.group()):04X} at position "
+            f"{found.start()}; only tab and newline are allowed",
+            **extra,
+        )
 
 
 @dataclass(frozen=True)
 class TextLimits:
-    """Size rules on the texts of one prediction request."""
+    """Size and content rules on the texts of one prediction request, whatever its format."""
 
     max_text_chars: int
     max_batch_size: int
 
     def check(self, texts: Sequence[str]) -> None:
+        if not texts:
+            raise Refusal(422, "empty_batch", "the request holds no text to predict")
         if len(texts) > self.max_batch_size:
             raise Refusal(
                 422, "batch_too_large", f"{len(texts)} texts in one request; at most {self.max_batch_size}"
@@ -222,6 +269,7 @@ class TextLimits:
                     f"text {index} is not valid Unicode (lone surrogate)",
                     item_index=index,
                 ) from error
+            check_no_control_characters(text, f"text {index}", item_index=index)
             if len(text) > self.max_text_chars:
                 raise Refusal(
                     422,

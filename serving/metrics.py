@@ -50,7 +50,16 @@ class _InferenceLogCollector(Collector):
         for name, value, doc in (
             ("written", self.writer.written_rows, "Rows written to the inference log"),
             ("dropped", self.writer.dropped_rows, "Rows dropped because the log queue stayed full"),
-            ("failed", self.writer.failed_rows, "Rows the database refused even after retries"),
+            (
+                "dead_lettered",
+                self.writer.dead_lettered_rows,
+                "Rows the database would not take, in the dead-letter file",
+            ),
+            (
+                "failed",
+                self.writer.failed_rows,
+                "Rows lost: neither the database nor the dead-letter file took them",
+            ),
         ):
             yield CounterMetricFamily(f"tuneloop_inference_log_{name}", doc, value=value)
 

@@ -3,10 +3,16 @@
 MLflow's model server is the real thing we serve with; this module only launches it with the local
 environment (the default env manager builds a virtualenv and needs the network), checks that it
 answers a real prediction before it gets traffic, and stops it.
+
+A model version is code (a pyfunc), so its server runs with least privilege: it serves a local copy
+of the model, starts from an allow-listed environment (no gateway secrets, database URLs, registry
+or cloud credentials), listens on loopback only, and the caller checks that the process answering
+on its port is the one it started.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -17,12 +23,75 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
+import psutil
 
 log = logging.getLogger(__name__)
 
 WARMUP_TEXTS = ("where is my order?", "I want my money back")
+
+# What a model server inherits from the gateway: enough to run Python, find its packages and the
+# offline model files, and size its threads. Nothing else: no keys, tokens, URLs or passwords.
+INHERITED_ENVIRONMENT = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+)
+
+
+class UnsafeModelServer(ValueError):
+    """A model server asked to run where model code could reach more than it needs."""
+
+
+def model_server_environment(parent: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """A model server's environment: the ``INHERITED_ENVIRONMENT`` part of ``parent``, then ``extra``."""
+    env = {name: parent[name] for name in INHERITED_ENVIRONMENT if name in parent}
+    env.update(extra)
+    return env
+
+
+def require_loopback(host: str) -> None:
+    """Model servers are reached through the gateway only: refuse any address but loopback."""
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UnsafeModelServer(
+            f"model servers listen on loopback only (127.0.0.1 or ::1), not {host!r}: the gateway is the "
+            "one way in"
+        )
+
+
+def port_owner(port: int) -> int | None:
+    """The pid listening on TCP ``port`` on this machine, None when nobody (or it cannot be seen)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return None
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+            return connection.pid
+    return None
 
 
 class ModelServerFailed(RuntimeError):
@@ -62,6 +131,20 @@ class ModelServer:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def owns_port(self) -> bool:
+        """Whether the process listening on this server's port is ours (in the group we started).
+
+        Guards against talking to an impostor: a process that took the port after ours died.
+        """
+        port = urlparse(self.url).port
+        owner = port_owner(port) if port else None
+        if owner is None:
+            return False
+        try:
+            return os.getpgid(owner) == self.process.pid
+        except ProcessLookupError:
+            return False
 
     def failure(self, what: str) -> ModelServerFailed:
         tail = _log_tail(self.log_path)
@@ -110,12 +193,16 @@ def start_model_server(
     workers: int = 1,
     request_timeout_s: int = 60,
 ) -> ModelServer:
-    """Launch the server in its own process group and return at once; see :func:`wait_until_ready`."""
+    """Launch the server in its own process group and return at once; see :func:`wait_until_ready`.
+
+    ``extra_env`` is all the server gets besides ``INHERITED_ENVIRONMENT``; ``host`` must be loopback.
+    """
+    require_loopback(host)
     port = port or free_port(host)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"model-server-v{version}-{port}.log"
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **extra_env}
+    env = model_server_environment(os.environ, extra_env)
     # `mlflow models serve` starts a bare `uvicorn` command: this interpreter's bin/ must come first.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     command = [
@@ -173,6 +260,10 @@ def wait_until_ready(server: ModelServer, timeout_s: float, client: httpx.Client
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
+        if not server.owns_port():
+            raise server.failure(
+                f"answered on {server.url}, but the listener there is not the process started"
+            )
         response = client.post(f"{server.url}/invocations", json=invocation_body(WARMUP_TEXTS, top_k=1))
         if response.status_code != 200:
             raise server.failure(f"answered the warm-up with {response.status_code}: {response.text[:300]}")

@@ -4,16 +4,25 @@ A running `mlflow models serve` never notices an alias move (it resolves the URI
 supervisor polls the alias and, when it moves, starts the new version beside the old one, waits until
 it answers a warm-up prediction, switches traffic, drains the old one and stops it. A version that
 fails to start is logged and left; the old one keeps serving.
+
+With a ``vet`` check (the registry's server-side approval and promotion records), a version the
+alias names but the records do not back is refused the same way: the old version keeps serving and
+``describe()`` (``/v1/status``), the log and the ``tuneloop_serving_refused`` metric say why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from serving.model_server import ModelServer, ModelServerFailed, wait_until_ready
 from serving.routing import Backend, BackendPool
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 VersionResolver = Callable[[], str | None]
 ServerLauncher = Callable[[str], ModelServer]
+# Every reason a version must not be served (empty: it may be).
+VersionVetter = Callable[[str], list[str]]
 
 
 @dataclass
@@ -45,6 +56,9 @@ class SupervisorState:
     swaps: list[SwapRecord] = field(default_factory=list)
     failed_versions: dict[str, float] = field(default_factory=dict)
     last_error: str | None = None
+    # The version the alias names but the vetter refused, with its reasons (None: nothing refused).
+    refused: dict | None = None
+    refusals: int = 0
 
 
 def _now() -> str:
@@ -59,12 +73,18 @@ class AliasSupervisor:
     """
 
     def __init__(
-        self, pool: BackendPool, resolve: VersionResolver, launch: ServerLauncher, settings: ServingParams
+        self,
+        pool: BackendPool,
+        resolve: VersionResolver,
+        launch: ServerLauncher,
+        settings: ServingParams,
+        vet: VersionVetter | None = None,
     ) -> None:
         self.pool = pool
         self.resolve = resolve
         self.launch = launch
         self.settings = settings
+        self.vet = vet
         self.state = SupervisorState()
         self._swap_lock = asyncio.Lock()
 
@@ -87,13 +107,35 @@ class AliasSupervisor:
                 log.warning("%s@%s is not set: nothing to serve yet", self.pool.model_name, self.pool.alias)
             return None
         if current is not None and current.version == wanted:
-            if current.server is None or current.server.alive():
+            if current.server is None or (current.server.alive() and current.server.owns_port()):
                 return None
-            log.error("model server for v%s died; starting it again", wanted)
+            log.error("model server for v%s died or lost its port; starting it again", wanted)
+        if self.vet is not None:
+            reasons = await asyncio.to_thread(self.vet, wanted)
+            if reasons:
+                self._refuse(wanted, reasons)
+                return None
+            self.state.refused = None
         failed_at = self.state.failed_versions.get(wanted)
         if failed_at is not None and time.monotonic() - failed_at < self.settings.retry_failed_after_s:
             return None
         return await self.swap_to(wanted)
+
+    def _refuse(self, version: str, reasons: list[str]) -> None:
+        refused = self.state.refused
+        if refused is None or refused["version"] != version or refused["reasons"] != reasons:
+            current = self.pool.current
+            keeps = f"v{current.version} keeps serving" if current else "nothing is served"
+            log.error(
+                "%s@%s names v%s, which is not served (%s): %s",
+                self.pool.model_name,
+                self.pool.alias,
+                version,
+                keeps,
+                "; ".join(reasons),
+            )
+            self.state.refused = {"version": version, "reasons": reasons, "since": _now()}
+            self.state.refusals += 1
 
     async def swap_to(self, version: str) -> SwapRecord:
         async with self._swap_lock:
@@ -147,8 +189,32 @@ class AliasSupervisor:
             "upstream": current.url if current else None,
             "in_flight": current.in_flight if current else 0,
             "last_error": self.state.last_error,
+            "refused": self.state.refused,
             "swaps": [record.__dict__ for record in self.state.swaps[-10:]],
         }
+
+
+class SupervisorCollector(Collector):
+    """`tuneloop_serving_refused`: 1 while the alias names a version the supervisor refuses to serve."""
+
+    def __init__(self, supervisor: AliasSupervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator:
+        refused = GaugeMetricFamily(
+            "tuneloop_serving_refused",
+            "1 while the alias names a version that is not served because its records do not back it",
+            labels=["model_name", "alias", "model_version", "reason"],
+        )
+        state = self.supervisor.state
+        if state.refused is not None:
+            pool = self.supervisor.pool
+            reason = "; ".join(state.refused["reasons"])[:300]
+            refused.add_metric([pool.model_name, pool.alias, state.refused["version"], reason], 1)
+        yield refused
+        yield CounterMetricFamily(
+            "tuneloop_serving_refusals", "Times an alias move was refused", value=state.refusals
+        )
 
 
 def registry_version_resolver(tracking_uri: str, model_name: str, alias: str) -> VersionResolver:
@@ -167,17 +233,36 @@ def registry_version_resolver(tracking_uri: str, model_name: str, alias: str) ->
 
 
 def model_server_launcher(
-    tracking_uri: str, model_name: str, log_dir, settings: ServingParams, host: str = "127.0.0.1"
+    tracking_uri: str, model_name: str, log_dir: Path, settings: ServingParams, host: str = "127.0.0.1"
 ) -> ServerLauncher:
-    """Start `mlflow models serve` for an exact version number, so what runs never changes under us."""
+    """Start `mlflow models serve` for an exact version number, so what runs never changes under us.
+
+    The supervisor downloads the version itself (with its own registry credentials) and the server
+    serves that local copy: the model's code never sees the tracking URI or any credential.
+    """
+    import mlflow.artifacts
+
     from serving.model_server import start_model_server
 
     def launch(version: str) -> ModelServer:
+        local_copy = Path(log_dir) / "models" / f"v{version}"
+        if not (local_copy / "MLmodel").exists():
+            staging = local_copy.with_name(f".v{version}.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{version}",
+                dst_path=str(staging),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+            shutil.rmtree(local_copy, ignore_errors=True)
+            staging.rename(local_copy)
         return start_model_server(
-            f"models:/{model_name}/{version}",
+            str(local_copy),
             version,
             log_dir=log_dir,
-            extra_env={"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"},
+            extra_env={"HF_HUB_OFFLINE": "1"},
             host=host,
             workers=settings.workers,
             request_timeout_s=settings.request_timeout_s,

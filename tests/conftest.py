@@ -34,3 +34,15 @@ def project(tmp_path, tiny_base, monkeypatch) -> Path:
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.chdir(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for every harness test: it takes ~8 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as patch:
+        # The temporary server's telemetry heartbeat only adds "database is locked" noise to the logs.
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with prefect_test_harness(server_startup_timeout=60):
+            yield

@@ -10,10 +10,11 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment, load_params
+from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment, Params, load_params
 from tuneloop.io import read_json
 from tuneloop.paths import ADAPTER_DIR, EVALUATE_METRICS, GATES_FILE, METRICS_DIR, PREPARED_DIR, SAMPLE_DATA
 
@@ -138,7 +139,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             to=args.to,
             version=args.version,
             reason=args.reason,
-            gate_thresholds=params.evaluate.gates.model_dump(),
+            gate_thresholds=params.evaluate.gate_thresholds(),
         )
     except PromotionRefused as refused:
         print(str(refused), file=sys.stderr)
@@ -198,6 +199,26 @@ def _served_version(gateway_url: str) -> str:
     return f"serving v{served}" if served else "running, no version served yet"
 
 
+def _serving_vetter(env: Environment, params: Params, alias: str) -> Callable[[str], list[str]] | None:
+    """The approval check for a vetted alias when the registry is a tracking server (else None, said)."""
+    if alias not in params.serving.vetted_aliases:
+        return None
+    if not env.tracking_uri.startswith(("http://", "https://")):
+        log.warning(
+            "%s is a local store with no authentication: `%s` is served without server-side approval "
+            "records (run `tuneloop up` for a tracking server that enforces them)",
+            env.tracking_uri,
+            alias,
+        )
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from registry.server_rules import registry_vetter
+
+    client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
+    return registry_vetter(client, params.registry.model_name, alias, params.evaluate.gate_thresholds())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve ``<model>@<env>`` at a stable address and follow the alias with zero-downtime swaps."""
     import uvicorn
@@ -215,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry_version_resolver(env.tracking_uri, name, args.env),
         model_server_launcher(env.tracking_uri, name, env.paths.serving_dir(args.env), settings),
         settings,
+        vet=_serving_vetter(env, params, args.env),
     )
     app = create_gateway(pool, supervisor, params, env)
     port = args.port or DEFAULT_GATEWAY_PORTS[args.env]
@@ -341,6 +363,59 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(str(error.args[0]), file=sys.stderr)
             return 2
         sys.stderr.write(f"Revoked {args.key_id}.\n")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """People and service identities on a tracking server run with `--app-name tuneloop` (admin only).
+
+    MLflow reads the admin's own credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from registry.access import add_user, ensure_roles, read_password, user_roles
+
+    env = Environment.from_env()
+    client = AuthServiceClient(env.tracking_uri)
+    try:
+        if args.users_command == "add":
+            from_env = env.new_user_password.get_secret_value() if env.new_user_password else None
+            password = read_password(args.password_file, from_env)
+            grant = add_user(client, args.username, password, args.role)
+            state = "created" if grant.created else "already existed"
+            print(f"{grant.username} {state}; roles now: {', '.join(user_roles(client, args.username))}")
+        elif args.users_command == "roles":
+            print(", ".join(user_roles(client, args.username)) or "<no tuneloop role>")
+        else:
+            for role, role_id in ensure_roles(client).items():
+                print(f"{role}: MLflow role id {role_id}")
+    except (ValueError, OSError, MlflowException) as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """Remove one person's rows (by subject id or request ids) from the inference log and dead-letter file."""
+    import json
+
+    from serving.gateway import dead_letter_path
+    from serving.inference_log import erase
+
+    env = Environment.from_env()
+    params = load_params(env.project_dir / args.params)
+    try:
+        removed = erase(
+            env.inference_log_url,
+            subject=args.subject,
+            request_ids=args.request_id,
+            dead_letter_path=dead_letter_path(params.gateway.log_dead_letter_path, env),
+        )
+    except ValueError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    print(json.dumps(removed, indent=2))
     return 0
 
 
@@ -497,6 +572,23 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="refuse a key from now on")
     revoke.add_argument("key_id")
     keys.set_defaults(handler=cmd_keys)
+
+    erase = commands.add_parser("erase", help="remove a person's rows from the inference log, say what")
+    who = erase.add_mutually_exclusive_group(required=True)
+    who.add_argument("--subject", help="the end-user id sent as X-Subject-Id with their requests")
+    who.add_argument("--request-id", action="append", help="a request id (repeatable)")
+    erase.set_defaults(handler=cmd_erase)
+
+    users = commands.add_parser("users", help="tracking-server users and roles: trainer, approver, ...")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="create a user (if new) and give it roles")
+    add.add_argument("username")
+    add.add_argument("--role", action="append", required=True, help="trainer, approver, deployer, viewer")
+    add.add_argument("--password-file", type=Path, help="default: $TUNELOOP_NEW_USER_PASSWORD")
+    roles = users_commands.add_parser("roles", help="a user's tuneloop roles")
+    roles.add_argument("username")
+    users_commands.add_parser("setup", help="create the four roles (idempotent)")
+    users.set_defaults(handler=cmd_users)
 
     gate = commands.add_parser("model-gate", help="merge gate: metrics/ against the base branch's")
     gate.add_argument("--base-metrics-dir", type=Path, required=True, help="the base branch's metrics/")

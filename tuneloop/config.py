@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tuneloop.paths import HomePaths
 
@@ -143,6 +143,10 @@ class EvaluateParams(_Frozen):
     gates: GateParams
     behavioural: BehaviouralParams
 
+    def gate_thresholds(self) -> dict[str, float | None]:
+        """Every gate a model must pass (quality, bias and behavioural), by gate name."""
+        return {**self.gates.model_dump(), **self.behavioural.gates.model_dump()}
+
 
 class ModelGateParams(_Frozen):
     """Merge gate on pull requests: how far a headline metric may drop against the base branch."""
@@ -172,6 +176,26 @@ class GatewayParams(_Frozen):
     pii_phone_region: str
     # Clock skew tolerated on JWT exp/nbf/iat.
     jwt_leeway_s: float = Field(ge=0)
+    # Longest wait for the identity provider's JWKS before a request gets 503 (not a hang).
+    jwt_jwks_timeout_s: float = Field(gt=0)
+    # Failed authentication attempts per client address: refill per second and burst (then 429).
+    failed_auth_rate_per_s: float = Field(gt=0)
+    failed_auth_burst: int = Field(ge=1)
+    # Attempts (with doubling back-off) to write a log batch before its rows go to the dead-letter file.
+    log_write_attempts: int = Field(ge=1)
+    # Dead-letter file (JSON lines, PII masked), relative to TUNELOOP_HOME; null: beside the SQLite log.
+    log_dead_letter_path: str | None
+    # Inference and feedback rows older than this are deleted by the retention flow.
+    log_retention_days: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _burst_holds_a_batch(self) -> GatewayParams:
+        if self.rate_limit_burst < self.max_batch_size:
+            raise ValueError(
+                f"rate_limit_burst ({self.rate_limit_burst}) must be at least max_batch_size "
+                f"({self.max_batch_size}): a request is charged one token per text"
+            )
+        return self
 
 
 class RegistryParams(_Frozen):
@@ -205,6 +229,9 @@ class ServingParams(_Frozen):
     default_top_k: int = Field(ge=1)
     # Texts per forward pass inside the model server (a request's batch is split into these).
     batch_size: int = Field(ge=1)
+    # Aliases served only when the tracking server's own approval and promotion records back the
+    # version (registry/server_rules.py); applies when the registry is a tracking server.
+    vetted_aliases: tuple[str, ...]
 
 
 class MonitoringParams(_Frozen):
@@ -232,6 +259,9 @@ class MonitoringParams(_Frozen):
     feedback_group_value: str
     # Branch the appended data version's `.dvc` pointer is committed on; None: the checked-out branch.
     data_branch: str | None
+    # Largest share of the labelled feedback one principal (API key / JWT subject) may contribute to
+    # the concept-drift test and to the appended data; 1.0 = no cap.
+    max_feedback_share_per_principal: float = Field(gt=0, le=1)
 
 
 class OrchestrationParams(_Frozen):
@@ -301,6 +331,8 @@ class Environment(_Frozen):
     # Ports of the local stack that `tuneloop up` starts.
     mlflow_port: int
     prefect_port: int
+    # The password `tuneloop users add` gives a new user when no --password-file is given.
+    new_user_password: SecretStr | None = None
 
     @classmethod
     def from_env(cls, project_dir: str | Path | None = None) -> Environment:
@@ -311,6 +343,7 @@ class Environment(_Frozen):
         jwt_key = os.environ.get("TUNELOOP_JWT_KEY")
         jwt_key_file = os.environ.get("TUNELOOP_JWT_KEY_FILE")
         api_key = os.environ.get("TUNELOOP_API_KEY")
+        new_password = os.environ.get("TUNELOOP_NEW_USER_PASSWORD")
         return cls(
             project_dir=project,
             home_dir=home,
@@ -337,6 +370,7 @@ class Environment(_Frozen):
             work_pool=os.environ.get(WORK_POOL_ENV) or None,
             mlflow_port=int(os.environ.get("TUNELOOP_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
             prefect_port=int(os.environ.get("TUNELOOP_PREFECT_PORT", DEFAULT_PREFECT_PORT)),
+            new_user_password=SecretStr(new_password) if new_password else None,
         )
 
     @property

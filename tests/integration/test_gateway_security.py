@@ -1,5 +1,9 @@
 """The gateway's front door with a real `mlflow models serve` behind it: auth, limits, log, feedback, metrics.
 
+Both ways in to a prediction (``/v1/predict`` and MLflow's ``/invocations``, JSON or CSV) obey the same
+limits, are charged per text and are logged with the caller's principal; feedback is only accepted
+on the caller's own requests.
+
 Two ways in, both with a real model server behind the gateway:
 - the app in process (``TestClient`` runs its lifespan: the inference log starts and is flushed on
   exit), pointed at a model server this module starts; cheap, and settings (rate limits) per test;
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import signal
 import subprocess
 import sys
@@ -23,9 +28,16 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from serving.auth import ApiKeyStore, Authenticator, JwtSettings, JwtVerifier, create_api_key
-from serving.gateway import create_app
-from serving.inference_log import InferenceLogWriter, read_window
+from serving.auth import (
+    UNAUTHORIZED_DETAIL,
+    ApiKeyStore,
+    Authenticator,
+    JwtSettings,
+    JwtVerifier,
+    create_api_key,
+)
+from serving.gateway import SUBJECT_HEADER, create_app
+from serving.inference_log import InferenceLogWriter, erase, read_window
 from serving.model_server import free_port, start_model_server, wait_until_ready
 from serving.pii import CARD_MASK, EMAIL_MASK, IBAN_MASK, PHONE_MASK
 from serving.routing import Backend, BackendPool
@@ -165,10 +177,9 @@ def test_every_auth_path(model_server, keys, db_url) -> None:
             else:
                 assert response.json()["request_id"] == response.headers["X-Request-ID"]
                 assert response.json()["model_version"] == "1"
-        assert (
-            "token expired"
-            in client.post("/v1/predict", json=body, headers=bearer(token(expires_in_s=-60))).text
-        )
+        expired = client.post("/v1/predict", json=body, headers=bearer(token(expires_in_s=-60)))
+        # The same answer as any other bad credential: why it failed is in the server log only.
+        assert expired.json()["detail"] == UNAUTHORIZED_DETAIL and "expired" not in expired.text
         # Open: health, readiness and the API docs; everything else needs a credential.
         for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
             assert client.get(path).status_code == 200, path
@@ -236,6 +247,115 @@ def test_rate_limit_is_429_with_retry_after_per_credential(model_server, keys, d
         assert other.status_code == 200
         metrics = client.get("/metrics", headers={"X-API-Key": keys["admin"]}).text
         assert 'tuneloop_gateway_errors_total{endpoint="/v1/predict",reason="rate_limited"} 1.0' in metrics
+
+
+def test_rate_limit_is_charged_per_text_on_both_ways_in(model_server, keys, db_url) -> None:
+    client, _ = make_gateway(model_server, keys, db_url, rate_limit_per_s=0.1, rate_limit_burst=5)
+    headers = {"X-API-Key": keys["predict"]}
+    with client:
+        assert (
+            client.post(
+                "/v1/predict", json={"texts": ["a b", "c d", "e f", "g h"]}, headers=headers
+            ).status_code
+            == 200
+        )
+        # One token left: a batch of two is refused and says so, one text still passes.
+        refused = client.post("/invocations", json={"inputs": ["a b", "c d"]}, headers=headers)
+        assert refused.status_code == 429 and "needs 2" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert client.post("/invocations", json={"inputs": ["a b"]}, headers=headers).status_code == 200
+        assert client.post("/v1/predict", json={"text": "a b"}, headers=headers).status_code == 429
+        other = {"X-API-Key": keys["both"]}
+        too_big = client.post("/v1/predict", json={"texts": ["x y"] * 6}, headers=other)
+        assert (too_big.status_code, too_big.json()["error"]) == (422, "batch_too_large")
+
+
+def test_invocations_json_and_csv_obey_the_limits_and_are_logged(model_server, keys, db_url) -> None:
+    client, _ = make_gateway(model_server, keys, db_url)
+    headers = {"X-API-Key": keys["predict"], SUBJECT_HEADER: "user-42"}
+    csv_type = headers | {"content-type": "text/csv"}
+    answered: dict[str, int] = {}
+    with client:
+        for body in (
+            {"dataframe_records": [{"text": "cancel my order"}, {"text": "where is it"}]},
+            {"inputs": ["cancel my order"]},
+            {"instances": {"text": ["where is it", "cancel it", "stop it"]}},
+            {"dataframe_split": {"columns": ["text"], "data": [["cancel it"]]}, "params": {"top_k": 1}},
+        ):
+            response = client.post("/invocations", json=body, headers=headers)
+            assert response.status_code == 200, (body, response.text)
+            answered[response.headers["X-Request-ID"]] = len(response.json()["predictions"])
+        top_1 = json.loads(response.json()["predictions"][0]["top_k"])
+        assert len(top_1) == 1
+        as_csv = client.post(
+            "/invocations", content='text,channel\n"cancel, now",chat\nwhere is it,mail\n', headers=csv_type
+        )
+        assert as_csv.status_code == 200, as_csv.text
+        assert as_csv.headers["X-Model-Version"] == "1" and len(as_csv.json()["predictions"]) == 2
+        answered[as_csv.headers["X-Request-ID"]] = 2
+        refusals = [
+            ({"json": {"inputs": ["x"] * 9}}, 422, "batch_too_large"),
+            ({"json": {"inputs": ["x" * 201]}}, 422, "text_too_long"),
+            ({"json": {"inputs": ["  "]}}, 422, "empty_text"),
+            ({"json": {"inputs": []}}, 422, "empty_batch"),
+            ({"json": {"inputs": {"txt": ["x"]}}}, 400, "unrecognised_input"),
+            ({"json": {"inputs": ["x"], "params": {"top_k": 0}}}, 422, "invalid_request"),
+            ({"json": {"inputs": ["x"], "params": {"other": 1}}}, 422, "invalid_request"),
+            ({"content": "text\n" + "a\n" * 9, "headers": csv_type}, 422, "batch_too_large"),
+            ({"content": "text\n" + "y" * 201 + "\n", "headers": csv_type}, 422, "text_too_long"),
+            ({"content": "label\ncancel\n", "headers": csv_type}, 400, "unrecognised_input"),
+            ({"content": "", "headers": csv_type}, 400, "unrecognised_input"),
+            ({"content": b"text\ncaf\xe9\n", "headers": csv_type}, 400, "invalid_utf8"),
+        ]
+        for kwargs, status, error in refusals:
+            kwargs.setdefault("headers", headers)
+            response = client.post("/invocations", **kwargs)
+            assert (response.status_code, response.json()["error"]) == (status, error), (
+                kwargs,
+                response.text,
+            )
+    window = read_window(db_url)
+    assert window.groupby("request_id").size().to_dict() == answered
+    csv_rows = window[window["request_id"] == as_csv.headers["X-Request-ID"]]
+    assert list(csv_rows["text"]) == ["cancel, now", "where is it"]
+    assert set(window["principal"]) == {f"api_key:{keys['predict'].split('_')[1]}"}
+    # The end-user id travels with the rows, so that person's rows can be erased on request.
+    removed = erase(db_url, subject="user-42")
+    assert removed["predictions"] == sum(answered.values()) and sorted(answered) == removed["request_ids"]
+    assert read_window(db_url).empty
+
+
+def test_control_characters_are_refused_the_same_way_everywhere(model_server, keys, db_url) -> None:
+    """NUL and other control characters (not tab or newline) are a 400 naming the character, on every
+    endpoint and format; nothing of such a request reaches the model or the log."""
+    client, _ = make_gateway(model_server, keys, db_url)
+    headers = {"X-API-Key": keys["both"]}
+    with client:
+        ok = client.post("/v1/predict", json={"text": "cancel\tmy\norder"}, headers=headers)
+        assert ok.status_code == 200, ok.text
+        attempts = [
+            client.post("/v1/predict", json={"texts": ["fine", "nul\x00here"]}, headers=headers),
+            client.post("/invocations", json={"inputs": ["fine", "nul\x00here"]}, headers=headers),
+            client.post(
+                "/invocations",
+                content="text\nfine\nnul\x00here\n",
+                headers=headers | {"content-type": "text/csv"},
+            ),
+        ]
+        for response in attempts:
+            assert response.status_code == 400, response.text
+            assert response.json()["error"] == "control_character"
+            assert "text 1 contains the control character U+0000 at position 3" in response.json()["detail"]
+        escape = client.post("/v1/predict", json={"text": "\x1b[2Jcleared"}, headers=headers)
+        assert escape.status_code == 400 and "U+001B" in escape.json()["detail"]
+        label = client.post(
+            "/v1/feedback",
+            json={"request_id": ok.json()["request_id"], "true_label": "cancel_order\x00"},
+            headers=headers,
+        )
+        assert label.status_code == 400 and label.json()["detail"].startswith("true_label contains")
+    window = read_window(db_url)
+    assert list(window["text"]) == ["cancel\tmy\norder"] and list(window["true_label"]) == [None]
 
 
 def test_garbage_never_crashes_the_gateway(model_server, keys, db_url) -> None:
@@ -318,17 +438,15 @@ def test_a_log_row_for_every_answered_text_with_pii_masked(model_server, keys, d
 def test_feedback_joins_the_logged_prediction(model_server, keys, db_url) -> None:
     client, _ = make_gateway(model_server, keys, db_url)
     with client:
+        own = {"X-API-Key": keys["both"]}
         answer = client.post(
-            "/v1/predict",
-            json={"texts": ["cancel my order", "where is it"]},
-            headers={"X-API-Key": keys["predict"]},
+            "/v1/predict", json={"texts": ["cancel my order", "where is it"]}, headers=own
         ).json()
         request_id = answer["request_id"]
-        give = {"X-API-Key": keys["feedback"]}
         accepted = client.post(
             "/v1/feedback",
             json={"request_id": request_id, "item_index": 1, "true_label": "check_order_status"},
-            headers=give,
+            headers=own,
         )
         assert accepted.status_code == 200, accepted.text
         assert accepted.json()["feedback_for"] == request_id
@@ -347,7 +465,7 @@ def test_feedback_joins_the_logged_prediction(model_server, keys, db_url) -> Non
             ),
         ]
         for body, status, error in refusals:
-            response = client.post("/v1/feedback", json=body, headers=give)
+            response = client.post("/v1/feedback", json=body, headers=own)
             assert (response.status_code, response.json()["error"]) == (status, error), body
         predict_only = client.post(
             "/v1/feedback",
@@ -366,9 +484,41 @@ def test_feedback_joins_the_logged_prediction(model_server, keys, db_url) -> Non
         'tuneloop_model_info{alias="prod",model_name="tuneloop-gateway-test",model_version="1"} 1.0',
         "tuneloop_inference_log_queue_depth",
         "tuneloop_inference_log_dropped_total 0.0",
+        "tuneloop_inference_log_dead_lettered_total 0.0",
         "tuneloop_predictions_total{",
     ):
         assert name in metrics, name
+
+
+def test_feedback_only_on_your_own_requests_unless_admin(model_server, keys, db_url) -> None:
+    """Rows record who asked; another caller's request id reads as unknown (404), an admin may label any."""
+    client, _ = make_gateway(model_server, keys, db_url)
+    labeller = create_api_key(keys["path"], "other-app", ["predict", "feedback"])
+    with client:
+        mine = client.post(
+            "/v1/predict", json={"text": "cancel my order"}, headers={"X-API-Key": keys["both"]}
+        )
+        request_id = mine.json()["request_id"]
+        body = {"request_id": request_id, "true_label": "cancel_order"}
+        for key in (labeller, keys["feedback"]):
+            foreign = client.post("/v1/feedback", json=body, headers={"X-API-Key": key})
+            assert (foreign.status_code, foreign.json()["error"]) == (404, "unknown_request")
+        admin = client.post("/v1/feedback", json=body, headers={"X-API-Key": keys["admin"]})
+        assert admin.status_code == 200, admin.text
+        as_jwt = client.post(
+            "/v1/predict", json={"text": "where is it"}, headers=bearer(token("predict feedback"))
+        )
+        jwt_feedback = client.post(
+            "/v1/feedback",
+            json={"request_id": as_jwt.json()["request_id"], "true_label": "check_order_status"},
+            headers=bearer(token("feedback")),
+        )
+        assert jwt_feedback.status_code == 200, jwt_feedback.text
+    window = read_window(db_url)
+    both_id = keys["both"].split("_")[1]
+    admin_id = keys["admin"].split("_")[1]
+    assert list(window["principal"]) == [f"api_key:{both_id}", "jwt:svc"]
+    assert list(window["feedback_principal"]) == [f"api_key:{admin_id}", "jwt:svc"]
 
 
 def test_metrics_export_the_drift_jobs_latest_result(model_server, keys, db_url, tmp_path) -> None:

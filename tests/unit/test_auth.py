@@ -1,9 +1,14 @@
-"""Auth paths on a minimal FastAPI app: none, bad key, revoked, expired/forged JWT, wrong scope, good."""
+"""Auth paths on a minimal FastAPI app: none, bad key, revoked, expired/forged JWT, wrong scope, good;
+generic 401 bodies, a JWKS endpoint that never answers, and failed-auth floods per client address."""
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations, which name a
 # dependency built inside a fixture.
 import datetime as dt
 import json
+import logging
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
 from serving.auth import (
+    UNAUTHORIZED_DETAIL,
     ApiKeyStore,
     Authenticator,
     JwtSettings,
@@ -25,6 +31,7 @@ from serving.auth import (
     list_api_keys,
     revoke_api_key,
 )
+from serving.limits import Refusal, refusal_handler
 from tuneloop.cli import main
 from tuneloop.config import Environment
 
@@ -66,11 +73,10 @@ def keys_path(tmp_path: Path) -> Path:
     return tmp_path / "api_keys.json"
 
 
-@pytest.fixture()
-def client(keys_path: Path, rsa_keys: tuple[str, str]) -> TestClient:
-    settings = JwtSettings(issuer=ISSUER, audience=AUDIENCE, key=rsa_keys[1], leeway_s=0)
-    auth = Authenticator(api_keys=ApiKeyStore(keys_path), jwt_verifier=JwtVerifier(settings))
+def app_with(auth: Authenticator) -> FastAPI:
+    """A minimal app with /predict and /feedback behind ``auth``, refusals in the gateway's format."""
     app = FastAPI()
+    app.add_exception_handler(Refusal, refusal_handler)
 
     @app.post("/predict")
     async def predict(principal: Annotated[Principal, Depends(auth.require("predict"))]) -> dict:
@@ -80,14 +86,22 @@ def client(keys_path: Path, rsa_keys: tuple[str, str]) -> TestClient:
     async def feedback(principal: Annotated[Principal, Depends(auth.require("feedback"))]) -> dict:
         return {"subject": principal.subject}
 
-    return TestClient(app)
+    return app
+
+
+@pytest.fixture()
+def client(keys_path: Path, rsa_keys: tuple[str, str]) -> TestClient:
+    settings = JwtSettings(issuer=ISSUER, audience=AUDIENCE, key=rsa_keys[1], leeway_s=0)
+    return TestClient(
+        app_with(Authenticator(api_keys=ApiKeyStore(keys_path), jwt_verifier=JwtVerifier(settings)))
+    )
 
 
 def test_no_credentials_is_401_with_a_challenge(client: TestClient) -> None:
     response = client.post("/predict")
     assert response.status_code == 401
-    assert response.headers["WWW-Authenticate"].startswith('Bearer realm="tuneloop"')
-    assert "credentials required" in response.json()["detail"]
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="tuneloop"'
+    assert response.json()["detail"] == UNAUTHORIZED_DETAIL
 
 
 @pytest.mark.parametrize(
@@ -132,13 +146,17 @@ def test_missing_scope_is_403_and_admin_has_every_scope(client: TestClient, keys
     assert client.post("/predict", headers={"X-API-Key": admin}).status_code == 200
 
 
-def test_revoked_key_is_refused_without_restart(client: TestClient, keys_path: Path) -> None:
+def test_revoked_key_is_refused_without_restart(
+    client: TestClient, keys_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     key = create_api_key(keys_path, "svc", ["predict"])
     assert client.post("/predict", headers={"X-API-Key": key}).status_code == 200
     revoke_api_key(keys_path, key.split("_")[1])
-    response = client.post("/predict", headers={"X-API-Key": key})
+    with caplog.at_level(logging.WARNING, logger="serving.auth"):
+        response = client.post("/predict", headers={"X-API-Key": key})
     assert response.status_code == 401
-    assert "revoked" in response.json()["detail"]
+    assert response.json()["detail"] == UNAUTHORIZED_DETAIL
+    assert "revoked API key" in caplog.text and key not in caplog.text
 
 
 def test_key_file_stores_only_hashes(keys_path: Path) -> None:
@@ -178,13 +196,50 @@ def test_jwt_without_the_scope_is_403(client: TestClient, rsa_keys: tuple[str, s
     ],
 )
 def test_expired_or_foreign_jwt_is_401(
-    client: TestClient, rsa_keys: tuple[str, str], claims: dict, reason: str
+    client: TestClient, rsa_keys: tuple[str, str], claims: dict, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     token = make_token(rsa_keys[0], **claims)
-    response = client.post("/predict", headers={"Authorization": f"Bearer {token}"})
+    with caplog.at_level(logging.WARNING, logger="serving.auth"):
+        response = client.post("/predict", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 401
-    assert reason in response.json()["detail"].lower()
-    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert response.json()["detail"] == UNAUTHORIZED_DETAIL
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="tuneloop", error="invalid_token"'
+    # Which check failed is for the operator, in the server log only.
+    assert reason in caplog.text.lower() and reason not in response.text.lower()
+
+
+def test_every_401_says_the_same_and_echoes_nothing(
+    client: TestClient, keys_path: Path, rsa_keys: tuple[str, str]
+) -> None:
+    """A prober learns nothing from which 401 it got: bodies and challenges are the same for all."""
+    key = create_api_key(keys_path, "svc", ["predict"])
+    revoke_api_key(keys_path, key.split("_")[1])
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(
+        {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": 4102444800},
+        other,
+        algorithm="RS256",
+        headers={"kid": "kid-the-prober-chose"},
+    )
+    credentials = [
+        key,  # revoked
+        "tlk_0123456789ab_unknown",
+        "garbage",
+        make_token(rsa_keys[0], expires_in_s=-60),
+        make_token(rsa_keys[0], aud="elsewhere"),
+        forged,
+    ]
+    answers = {
+        (r.status_code, r.text, r.headers["WWW-Authenticate"])
+        for r in (
+            client.post("/predict", headers={"Authorization": f"Bearer {credential}"})
+            for credential in credentials
+        )
+    }
+    assert len(answers) == 1, answers
+    status, body, _ = answers.pop()
+    assert status == 401 and json.loads(body)["detail"] == UNAUTHORIZED_DETAIL
+    assert "kid-the-prober-chose" not in body
 
 
 def test_jwt_signed_by_another_key_or_unsigned_is_401(client: TestClient) -> None:
@@ -300,6 +355,77 @@ def test_jwt_verified_against_the_issuers_jwks_endpoint(rsa_keys: tuple[str, str
         assert principal.subject == "svc" and principal.allows("predict")
         with pytest.raises(HTTPException) as refused:
             asyncio.run(auth.authenticate(request(unknown_kid)))
-        assert refused.value.status_code == 401 and "signing key" in refused.value.detail
+        assert refused.value.status_code == 401 and refused.value.detail == UNAUTHORIZED_DETAIL
+        assert "key-2" not in str(refused.value.headers)
     finally:
         server.shutdown()
+
+
+def test_a_jwks_endpoint_that_never_answers_fails_fast_with_503(rsa_keys: tuple[str, str]) -> None:
+    """The issuer accepts the connection and then says nothing: the request is a 503 within the timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_hold() -> None:
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(silent.accept()[0])
+            except TimeoutError:
+                continue
+
+    holder = threading.Thread(target=accept_and_hold, daemon=True)
+    holder.start()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/jwks.json"
+    settings = JwtSettings(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, jwks_timeout_s=0.5)
+    client = TestClient(app_with(Authenticator(jwt_verifier=JwtVerifier(settings))))
+    token = jwt.encode(
+        {"iss": ISSUER, "aud": AUDIENCE, "sub": "svc", "exp": 4102444800, "scope": "predict"},
+        rsa_keys[0],
+        algorithm="RS256",
+        headers={"kid": "key-1"},
+    )
+    try:
+        started = time.monotonic()
+        response = client.post("/predict", headers={"Authorization": f"Bearer {token}"})
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        holder.join()
+        for connection in accepted:
+            connection.close()
+        silent.close()
+    assert accepted, "the JWKS endpoint was never called"
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "auth_unavailable" and response.headers["Retry-After"]
+    assert elapsed < 3, f"took {elapsed:.1f} s with a 0.5 s JWKS timeout"
+
+
+def test_failed_attempts_from_one_address_are_429_before_any_check(
+    keys_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the burst of failures, the address is refused before its credential is even looked at;
+    another address, and the same one once its bucket refills, are served as usual."""
+    good = create_api_key(keys_path, "svc", ["predict"])
+    store = ApiKeyStore(keys_path)
+    checked = []
+    real_verify = store.verify
+    monkeypatch.setattr(store, "verify", lambda key: checked.append(key) or real_verify(key))
+    auth = Authenticator(api_keys=store, failed_auth_rate_per_s=2.0, failed_auth_burst=3)
+    app = app_with(auth)
+    flooder = TestClient(app, client=("203.0.113.7", 4000))
+    bad = {"X-API-Key": "tlk_0123456789ab_wrong"}
+    assert [flooder.post("/predict", headers=bad).status_code for _ in range(3)] == [401] * 3
+    checked.clear()
+    refused = [flooder.post("/predict", headers=bad) for _ in range(50)]
+    assert {r.status_code for r in refused} == {429}
+    assert refused[0].json()["error"] == "auth_rate_limited" and refused[0].headers["Retry-After"] == "1"
+    assert flooder.post("/predict", headers={"X-API-Key": good}).status_code == 429
+    assert checked == [], "a refused address still cost a key check"
+    neighbour = TestClient(app, client=("203.0.113.8", 4000))
+    assert neighbour.post("/predict", headers={"X-API-Key": good}).status_code == 200
+    time.sleep(0.6)
+    assert flooder.post("/predict", headers={"X-API-Key": good}).status_code == 200

@@ -1,4 +1,5 @@
-"""Limits: the token bucket's arithmetic, and every body refusal as a 4xx that says what was wrong."""
+"""Limits: the token bucket's arithmetic (charged per text), control characters, and every body refusal
+as a 4xx that says what was wrong."""
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations of the fixture's app.
 import pytest
@@ -11,6 +12,7 @@ from serving.limits import (
     Refusal,
     TextLimits,
     TokenBucketLimiter,
+    check_no_control_characters,
     read_json_model,
     refusal_handler,
     unexpected_error_handler,
@@ -52,6 +54,36 @@ def test_over_the_limit_is_429_with_retry_after_in_whole_seconds() -> None:
     assert refused.value.status == 429
     assert refused.value.headers == {"Retry-After": "4"}
     assert "rate limit" in refused.value.detail
+
+
+def test_a_batch_costs_one_token_per_text() -> None:
+    clock = FakeClock()
+    limiter = TokenBucketLimiter(rate_per_s=2.0, burst=10, clock=clock)
+    limiter.check("k", 8)
+    with pytest.raises(Refusal) as refused:
+        limiter.check("k", 3)
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+    assert "texts/s" in refused.value.detail and "needs 3" in refused.value.detail
+    limiter.check("k", 2)  # what is left is still usable by a smaller batch
+    clock.now += 5
+    limiter.check("k", 10)
+
+
+def test_a_batch_larger_than_the_burst_is_422_not_an_endless_429() -> None:
+    limiter = TokenBucketLimiter(rate_per_s=100.0, burst=5, clock=FakeClock())
+    with pytest.raises(Refusal) as refused:
+        limiter.check("k", 6)
+    assert refused.value.status == 422 and refused.value.error == "batch_too_large"
+    assert "at most 5" in refused.value.detail
+
+
+def test_asking_does_not_take_tokens() -> None:
+    limiter = TokenBucketLimiter(rate_per_s=1.0, burst=1, clock=FakeClock())
+    for _ in range(3):
+        limiter.check("k", take=False)
+    limiter.check("k")
+    with pytest.raises(Refusal):
+        limiter.check("k", take=False)
 
 
 def test_idle_buckets_are_forgotten_past_the_key_cap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,6 +133,19 @@ def test_valid_body_passes(client: TestClient) -> None:
     assert response.json() == {"texts": ["héllo", "wörld"]}
 
 
+def test_tab_and_newline_are_the_control_characters_allowed(client: TestClient) -> None:
+    response = client.post("/echo", json={"texts": ["a\tb", "c\nd"]})
+    assert response.status_code == 200, response.text
+
+
+def test_control_character_check_names_the_field() -> None:
+    check_no_control_characters("fine\ttext\n", "true_label")
+    with pytest.raises(Refusal) as refused:
+        check_no_control_characters("cancel\x00order", "true_label")
+    assert refused.value.status == 400
+    assert refused.value.detail.startswith("true_label contains the control character U+0000 at position 6")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "error", "says"),
     [
@@ -128,6 +173,17 @@ def test_valid_body_passes(client: TestClient) -> None:
         ({"json": {"texts": ["a", "b", "c"]}}, 422, "batch_too_large", "at most 2"),
         ({"json": {"texts": ["short", "much too long"]}}, 422, "text_too_long", "text 1 has 13 characters"),
         ({"json": {"texts": ["  "]}}, 422, "empty_text", "empty"),
+        ({"json": {"texts": []}}, 422, "empty_batch", "no text"),
+        (
+            {"json": {"texts": ["ok", "a\x00b"]}},
+            400,
+            "control_character",
+            "text 1 contains the control character U+0000 at position 1",
+        ),
+        ({"json": {"texts": ["\x1b[31mred"]}}, 400, "control_character", "U+001B at position 0"),
+        ({"json": {"texts": ["a\rb"]}}, 400, "control_character", "U+000D"),
+        ({"json": {"texts": ["del\x7f"]}}, 400, "control_character", "U+007F"),
+        ({"json": {"texts": ["c1\x85"]}}, 400, "control_character", "U+0085"),
         ({"json": {"texts": ["x" * 9] * 30}}, 413, "body_too_large", f"{MAX_BYTES} bytes"),
     ],
 )
