@@ -12,6 +12,7 @@ Scenarios draw labelled utterances from the repo's own data:
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,18 +97,20 @@ def simulate_traffic(
     rate_per_s: float = 20.0,
     seed: int = 0,
     timeout_s: float = 60.0,
+    verify: ssl.SSLContext | bool = True,
 ) -> SimulationResult:
     """POST ``rows`` to /v1/predict in batches at about ``rate_per_s`` requests/s; send feedback for a share.
 
     A 429 is waited out as its ``Retry-After`` asks; any other refusal or failure is counted, never
-    retried: what the gateway answered is what you see.
+    retried: what the gateway answered is what you see. ``verify``: how an HTTPS gateway's certificate
+    is checked (see ``tuneloop.config.Environment.tls_client_context``).
     """
     chooser = random.Random(seed)
     result = SimulationResult(scenario)
     headers = {API_KEY_HEADER: api_key}
     interval = 1.0 / rate_per_s
     batches = [rows.iloc[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    with httpx.Client(base_url=gateway_url, headers=headers, timeout=timeout_s) as client:
+    with httpx.Client(base_url=gateway_url, headers=headers, timeout=timeout_s, verify=verify) as client:
         for batch in tqdm(batches, desc=f"simulate {scenario}", unit="request"):
             started = time.monotonic()
             result.requests += 1

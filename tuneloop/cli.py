@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -184,15 +185,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"gates_passed={info['gates_passed']} {metrics}"
         )
     for alias, url in env.gateway_urls.items():
-        print(f"server {alias} at {url}: {_served_version(url)}")
+        print(f"server {alias} at {url}: {_served_version(url, env.tls_client_context())}")
     return 0
 
 
-def _served_version(gateway_url: str) -> str:
+def _served_version(gateway_url: str, verify: ssl.SSLContext) -> str:
     import httpx
 
     try:
-        ready = httpx.get(f"{gateway_url}/readyz", timeout=3)
+        ready = httpx.get(f"{gateway_url}/readyz", timeout=3, verify=verify)
     except httpx.HTTPError:
         return "not running"
     served = ready.json().get("model_version")
@@ -238,11 +239,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings,
         vet=_serving_vetter(env, params, args.env),
     )
+    if (env.tls_cert_file is None) != (env.tls_key_file is None):
+        print("HTTPS needs both TUNELOOP_TLS_CERT_FILE and TUNELOOP_TLS_KEY_FILE", file=sys.stderr)
+        return 2
     app = create_gateway(pool, supervisor, params, env)
     port = args.port or DEFAULT_GATEWAY_PORTS[args.env]
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    print(f"Serving {name}@{args.env} at http://{args.host}:{port}; server logs: {env.home_dir}/serving")
-    uvicorn.run(app, host=args.host, port=port, log_level="info")
+    scheme = "https" if env.tls_cert_file else "http"
+    print(f"Serving {name}@{args.env} at {scheme}://{args.host}:{port}; server logs: {env.home_dir}/serving")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=port,
+        log_level="info",
+        ssl_certfile=env.tls_cert_file,
+        ssl_keyfile=env.tls_key_file,
+    )
     return 0
 
 
@@ -276,6 +288,7 @@ def cmd_simulate_traffic(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         rate_per_s=args.rate,
         seed=args.seed,
+        verify=env.tls_client_context(),
     )
     print(result.summary())
     return 0 if result.answered == result.requests else 1

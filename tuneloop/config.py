@@ -6,6 +6,7 @@ Each pipeline stage receives only its own section; nothing here reads the enviro
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -301,6 +302,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return Params.model_validate(raw)
 
 
+def _optional_path(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value else None
+
+
 class Environment(_Frozen):
     """Environment-specific settings, from variables with documented defaults (see README).
 
@@ -333,6 +339,15 @@ class Environment(_Frozen):
     prefect_port: int
     # The password `tuneloop users add` gives a new user when no --password-file is given.
     new_user_password: SecretStr | None = None
+    # `tuneloop serve` speaks HTTPS with this certificate chain and key (both or neither).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # The CA that tuneloop's clients trust for the gateways (default: the system's trust store).
+    tls_ca_file: Path | None = None
+
+    def tls_client_context(self) -> ssl.SSLContext:
+        """How tuneloop's HTTP clients verify a gateway: always, against ``tls_ca_file`` when set."""
+        return ssl.create_default_context(cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
 
     @classmethod
     def from_env(cls, project_dir: str | Path | None = None) -> Environment:
@@ -371,6 +386,9 @@ class Environment(_Frozen):
             mlflow_port=int(os.environ.get("TUNELOOP_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
             prefect_port=int(os.environ.get("TUNELOOP_PREFECT_PORT", DEFAULT_PREFECT_PORT)),
             new_user_password=SecretStr(new_password) if new_password else None,
+            tls_cert_file=_optional_path("TUNELOOP_TLS_CERT_FILE"),
+            tls_key_file=_optional_path("TUNELOOP_TLS_KEY_FILE"),
+            tls_ca_file=_optional_path("TUNELOOP_TLS_CA_FILE"),
         )
 
     @property
