@@ -20,7 +20,7 @@ from registry.promote import PromotionRefused, promote
 from registry.register import PROD_ALIAS
 from tuneloop.config import Environment, load_params
 from tuneloop.paths import HomePaths
-from tuneloop.tracking import current_version, use_experiment
+from tuneloop.tracking import acting_as, current_version, use_experiment
 
 ACTOR = "prefect:promote-to-prod"
 
@@ -77,8 +77,17 @@ def promote_version(tracking_env: Environment, params_path: str, version: str, t
 @flow(name="promote-to-prod", persist_result=True)
 def promote_to_prod(project_dir: str | None = None, to: str = PROD_ALIAS) -> dict:
     """Promote the newest approved `dev` version to ``to`` (default `prod`) if the rules allow it."""
-    logger = get_run_logger()
     env = Environment.from_env(project_dir)
+    if env.deployer_username and env.deployer_password_file:
+        # A worker acts as the trainer; moving `prod` is the deployer's right alone.
+        password = env.deployer_password_file.read_text(encoding="utf-8").strip()
+        with acting_as(env.deployer_username, password):
+            return _promote_newest_approved(env, to)
+    return _promote_newest_approved(env, to)
+
+
+def _promote_newest_approved(env: Environment, to: str) -> dict:
+    logger = get_run_logger()
     params_path = env.project_dir / "params.yaml"
     params = load_params(params_path)
     settings = params.orchestration

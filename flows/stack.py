@@ -1,6 +1,7 @@
 """`tuneloop up` / `tuneloop down`: the whole local stack for a newcomer, started and stopped together.
 
-MLflow (UI + registry on SQLite, artifacts in TUNELOOP_HOME), the Prefect server (UI), the
+MLflow (UI + registry on SQLite, artifacts in TUNELOOP_HOME, with authentication and the promotion
+rules: `--app-name tuneloop`), the Prefect server (UI), the
 deployments, a worker, and the dev and prod model servers. Each runs as its own process group with its
 log in `$TUNELOOP_HOME/logs/`; Ctrl-C (or `tuneloop down` for a stack started with `--background`)
 stops them in reverse order, politely first. A process manager such as honcho would do the same
@@ -16,14 +17,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlparse
 
 import httpx
 
+from registry.access import (
+    ADMIN_USERNAME,
+    AUTH_APP_NAME,
+    add_user,
+    auth_server_environment,
+    generated_password,
+)
 from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment
+from tuneloop.tracking import acting_as
 
 PID_FILE = "stack.pid"
 READY_LINE = "tuneloop is up:"
@@ -59,6 +68,51 @@ class Service:
     args: list[str]
     health_url: str | None = None
     process: subprocess.Popen | None = None
+    # Added to the stack's environment for this service only (its identity and secrets).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# Service identities the stack creates on its MLflow server, with their tuneloop roles.
+TRAINER_IDENTITY = "tuneloop-trainer"
+DEPLOYER_IDENTITY = "tuneloop-deployer"
+GATEWAY_IDENTITY = "tuneloop-gateway"
+SERVICE_IDENTITIES = {TRAINER_IDENTITY: "trainer", DEPLOYER_IDENTITY: "deployer", GATEWAY_IDENTITY: "viewer"}
+
+
+@dataclass(frozen=True)
+class StackSecrets:
+    """Passwords of the stack's MLflow admin and service identities: generated once, files of mode 0600."""
+
+    folder: Path
+
+    @property
+    def admin_password_file(self) -> Path:
+        return self.folder / "mlflow-admin.password"
+
+    def password_file(self, identity: str) -> Path:
+        return self.folder / f"{identity}.password"
+
+    def password(self, identity: str) -> str:
+        return generated_password(self.password_file(identity))
+
+    def admin_password(self, env: Environment) -> str:
+        if env.mlflow_admin_password is not None:
+            return env.mlflow_admin_password.get_secret_value()
+        return generated_password(self.admin_password_file)
+
+    def as_identity(self, identity: str) -> dict[str, str]:
+        """The variables MLflow's client reads to act as ``identity``."""
+        return {"MLFLOW_TRACKING_USERNAME": identity, "MLFLOW_TRACKING_PASSWORD": self.password(identity)}
+
+
+def provision_identities(tracking_uri: str, secrets: StackSecrets, admin_password: str) -> None:
+    """Create the service identities and the roles (idempotent), acting as the MLflow admin."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with acting_as(ADMIN_USERNAME, admin_password):
+        client = AuthServiceClient(tracking_uri)
+        for identity, role in SERVICE_IDENTITIES.items():
+            add_user(client, identity, secrets.password(identity), [role])
 
 
 def _tuneloop(*args: str) -> list[str]:
@@ -78,8 +132,15 @@ def stack_environment(env: Environment, ports: StackPorts) -> dict[str, str]:
     }
 
 
-def services(env: Environment, ports: StackPorts, serve_available: bool) -> list[Service]:
+def services(
+    env: Environment, ports: StackPorts, serve_available: bool, secrets: StackSecrets
+) -> list[Service]:
     home = env.home_dir
+    # The promotion flow acts as the deployer; everything else the worker runs acts as the trainer.
+    worker_env = secrets.as_identity(TRAINER_IDENTITY) | {
+        "TUNELOOP_DEPLOYER_USERNAME": DEPLOYER_IDENTITY,
+        "TUNELOOP_DEPLOYER_PASSWORD_FILE": str(secrets.password_file(DEPLOYER_IDENTITY)),
+    }
     listed = [
         Service(
             "mlflow",
@@ -88,6 +149,10 @@ def services(env: Environment, ports: StackPorts, serve_available: bool) -> list
                 "-m",
                 "mlflow",
                 "server",
+                "--app-name",
+                AUTH_APP_NAME,
+                "--workers",
+                "1",
                 "--backend-store-uri",
                 f"sqlite:///{env.paths.mlflow_db}",
                 "--artifacts-destination",
@@ -98,6 +163,11 @@ def services(env: Environment, ports: StackPorts, serve_available: bool) -> list
                 str(ports.mlflow),
             ],
             f"http://127.0.0.1:{ports.mlflow}/health",
+            env=auth_server_environment(
+                home / "mlflow-auth",
+                secrets.admin_password(env),
+                generated_password(secrets.password_file("mlflow-flask-secret")),
+            ),
         ),
         Service(
             "prefect",
@@ -114,11 +184,12 @@ def services(env: Environment, ports: StackPorts, serve_available: bool) -> list
             ],
             f"http://127.0.0.1:{ports.prefect}/api/health",
         ),
-        Service("worker", _tuneloop("worker", "--name", "tuneloop-up")),
+        Service("worker", _tuneloop("worker", "--name", "tuneloop-up"), env=worker_env),
     ]
     if serve_available:
         for alias, port in ports.gateways.items():
-            listed.append(Service(f"serve-{alias}", _tuneloop("serve", "--env", alias, "--port", str(port))))
+            serve = _tuneloop("serve", "--env", alias, "--port", str(port))
+            listed.append(Service(f"serve-{alias}", serve, env=secrets.as_identity(GATEWAY_IDENTITY)))
     return listed
 
 
@@ -140,7 +211,12 @@ def _start(service: Service, environ: dict[str, str], cwd: Path, logs: Path) -> 
     log_file = open(logs / f"{service.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
     # Own process group: Ctrl-C reaches only this supervisor, which stops the services in order.
     service.process = subprocess.Popen(
-        service.args, cwd=cwd, env=environ, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        service.args,
+        cwd=cwd,
+        env=environ | service.env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return service.process
 
@@ -171,6 +247,7 @@ def up(env: Environment, serve_available: bool) -> int:
         return 1
     pid_path.write_text(str(os.getpid()))
     environ = stack_environment(env, ports)
+    secrets = StackSecrets(env.home_dir / "secrets")
     started: list[tuple[Service, subprocess.Popen]] = []
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -179,7 +256,7 @@ def up(env: Environment, serve_available: bool) -> int:
     # `tuneloop down` sends SIGTERM: stop the same way as on Ctrl-C.
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        for service in services(env, ports, serve_available):
+        for service in services(env, ports, serve_available, secrets):
             process = _start(service, environ, env.project_dir, logs)
             started.append((service, process))
             print(
@@ -188,6 +265,8 @@ def up(env: Environment, serve_available: bool) -> int:
             )
             if service.health_url:
                 _wait_healthy(service.name, process, service.health_url, 120)
+            if service.name == "mlflow":
+                provision_identities(environ["MLFLOW_TRACKING_URI"], secrets, secrets.admin_password(env))
             if service.name == "prefect":
                 with open(logs / "deploy.log", "ab") as deploy_log:
                     deployed = subprocess.run(
@@ -203,9 +282,13 @@ def up(env: Environment, serve_available: bool) -> int:
                 )
         if not serve_available:
             print("`tuneloop serve` is not available in this version: no model servers started")
+        admin_secret = (
+            "$TUNELOOP_MLFLOW_ADMIN_PASSWORD" if env.mlflow_admin_password else secrets.admin_password_file
+        )
         print(
             f"\n{READY_LINE}\n"
-            f"  MLflow UI      http://127.0.0.1:{ports.mlflow}\n"
+            f"  MLflow UI      http://127.0.0.1:{ports.mlflow}  (user admin, password in {admin_secret})\n"
+            "  approvers      tuneloop users add NAME --role approver --password-file FILE  (as admin)\n"
             f"  Prefect UI     http://127.0.0.1:{ports.prefect}\n"
             + "".join(
                 f"  {alias:<14} http://127.0.0.1:{port}\n"

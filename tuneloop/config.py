@@ -344,6 +344,11 @@ class Environment(_Frozen):
     tls_key_file: Path | None = None
     # The CA that tuneloop's clients trust for the gateways (default: the system's trust store).
     tls_ca_file: Path | None = None
+    # `tuneloop up`: the MLflow admin's password (default: generated into $TUNELOOP_HOME/secrets).
+    mlflow_admin_password: SecretStr | None = None
+    # The identity the promotion flow acts as on the tracking server (default: the process's own).
+    deployer_username: str | None = None
+    deployer_password_file: Path | None = None
 
     def tls_client_context(self) -> ssl.SSLContext:
         """How tuneloop's HTTP clients verify a gateway: always, against ``tls_ca_file`` when set."""
@@ -359,6 +364,7 @@ class Environment(_Frozen):
         jwt_key_file = os.environ.get("TUNELOOP_JWT_KEY_FILE")
         api_key = os.environ.get("TUNELOOP_API_KEY")
         new_password = os.environ.get("TUNELOOP_NEW_USER_PASSWORD")
+        admin_password = os.environ.get("TUNELOOP_MLFLOW_ADMIN_PASSWORD")
         return cls(
             project_dir=project,
             home_dir=home,
@@ -389,6 +395,9 @@ class Environment(_Frozen):
             tls_cert_file=_optional_path("TUNELOOP_TLS_CERT_FILE"),
             tls_key_file=_optional_path("TUNELOOP_TLS_KEY_FILE"),
             tls_ca_file=_optional_path("TUNELOOP_TLS_CA_FILE"),
+            mlflow_admin_password=SecretStr(admin_password) if admin_password else None,
+            deployer_username=os.environ.get("TUNELOOP_DEPLOYER_USERNAME") or None,
+            deployer_password_file=_optional_path("TUNELOOP_DEPLOYER_PASSWORD_FILE"),
         )
 
     @property

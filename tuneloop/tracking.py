@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,23 @@ from mlflow.tracking import MlflowClient
 from tuneloop.config import Environment
 
 log = logging.getLogger(__name__)
+
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@contextmanager
+def acting_as(username: str, password: str) -> Iterator[None]:
+    """Act as another MLflow identity for a while: MLflow's client reads these two variables per request."""
+    saved = {key: os.environ.get(key) for key in CREDENTIAL_VARIABLES}
+    os.environ.update(zip(CREDENTIAL_VARIABLES, (username, password), strict=True))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def use_experiment(env: Environment) -> str:

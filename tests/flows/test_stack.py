@@ -37,7 +37,20 @@ def test_up_in_the_background_then_down(flow_project, module_env, monkeypatch):
         assert f"Prefect UI     http://127.0.0.1:{ports['prefect']}" in up.stdout
         assert set(pids) == {"mlflow", "prefect", "worker", "serve-dev", "serve-prod"}
         assert "deployments registered" in log
-        assert httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=5).status_code == 200
+        mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
+        assert httpx.get(f"{mlflow_url}/health", timeout=5).status_code == 200
+        # MLflow runs with authentication and the promotion rules; each service has its own identity.
+        search = f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert httpx.get(search, timeout=5).status_code == 401
+        secrets = home / "secrets"
+        admin = ("admin", (secrets / "mlflow-admin.password").read_text())
+        assert httpx.get(search, auth=admin, timeout=5).status_code == 200
+        for identity, role in (("tuneloop-deployer", "deployer"), ("tuneloop-trainer", "trainer")):
+            roles = httpx.get(
+                f"{mlflow_url}/api/3.0/mlflow/users/roles/list", params={"username": identity}, auth=admin
+            )
+            assert roles.status_code == 200 and f"tuneloop-{role}" in roles.text, roles.text
+            assert (secrets / f"{identity}.password").stat().st_mode & 0o077 == 0
         api = f"http://127.0.0.1:{ports['prefect']}/api"
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             names = {d.name for d in client.read_deployments()}

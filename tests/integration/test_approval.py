@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import mlflow
@@ -46,6 +45,7 @@ from tests.support import (
     wait_for,
 )
 from tuneloop.config import load_params
+from tuneloop.tracking import acting_as
 
 pytestmark = pytest.mark.slow
 
@@ -71,20 +71,9 @@ PASSING_METRICS = {
 }
 
 
-@contextmanager
-def identity(user: str) -> Iterator[None]:
-    """Act as ``user``: MLflow's client reads these two variables on every request."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"] = user
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = PASSWORD[user]
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def identity(user: str):
+    """Act as ``user`` (MLflow's client reads the credentials from the environment per request)."""
+    return acting_as(user, PASSWORD[user])
 
 
 def rest(server: dict, user: str, method: str, endpoint: str, body: dict) -> httpx.Response:
@@ -259,7 +248,12 @@ def test_only_approve_then_promote_reaches_prod(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
     monkeypatch.setenv("TUNELOOP_EXPERIMENT", EXPERIMENT)
     monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "home"))
-    with identity("deployer"):
+    # As on a `tuneloop up` worker: the process is the trainer, the flow acts as the deployer.
+    password_file = tmp_path / "deployer.password"
+    password_file.write_text(PASSWORD["deployer"])
+    monkeypatch.setenv("TUNELOOP_DEPLOYER_USERNAME", "deployer")
+    monkeypatch.setenv("TUNELOOP_DEPLOYER_PASSWORD_FILE", str(password_file))
+    with identity("trainer"):
         result = promote_to_prod(project_dir=str(project))
         model_tags = MlflowClient(server["url"], server["url"]).get_registered_model(NAME).tags
     assert result["promoted"] is True and result["version"] == "1", result
