@@ -193,7 +193,8 @@ def services(
     return listed
 
 
-def _wait_healthy(name: str, process: subprocess.Popen, health_url: str, seconds: float) -> None:
+def wait_healthy(name: str, process: subprocess.Popen, health_url: str, seconds: float) -> None:
+    """Until ``health_url`` answers 200; fails early, with the exit code, when the process dies."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -264,7 +265,7 @@ def up(env: Environment, serve_available: bool) -> int:
                 flush=True,
             )
             if service.health_url:
-                _wait_healthy(service.name, process, service.health_url, 120)
+                wait_healthy(service.name, process, service.health_url, 120)
             if service.name == "mlflow":
                 provision_identities(environ["MLFLOW_TRACKING_URI"], secrets, secrets.admin_password(env))
             if service.name == "prefect":

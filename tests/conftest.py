@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import build_tiny_base, copy_repo_as_project
+from tests.support import build_tiny_base, copy_repo_as_project, train_tiny_adapter, two_label_slice
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
+    """A working two-intent adapter on the tiny base (trained once; tests copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("tiny-adapter")
+    return train_tiny_adapter(two_label_slice(), tiny_base, folder / "adapter")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -65,19 +64,9 @@ def venv_env(**extra: str) -> dict[str, str]:
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
     """Until ``url`` answers 200; fails early, with the exit code, when the process dies."""
-    import httpx
+    from flows.stack import wait_healthy
 
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds}s")
+    wait_healthy(str(process.args[0]), process, url, seconds)
 
 
 TWO_LABELS = ("cancel_order", "check_order_status")

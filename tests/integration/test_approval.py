@@ -39,7 +39,6 @@ from tests.support import (
     VENV_BIN,
     reversed_label_copy,
     settings,
-    train_tiny_adapter,
     two_label_slice,
     venv_env,
     wait_for,
@@ -167,10 +166,10 @@ def users(server) -> dict:
 
 
 @pytest.fixture(scope="module")
-def versions(server, users, tiny_base, tmp_path_factory) -> dict:
+def versions(server, users, tiny_base, tiny_adapter, tmp_path_factory) -> dict:
     """v1 (works) and v2 (label map reversed) registered by `trainer`; v3 by `bob`, from his own run."""
     work = tmp_path_factory.mktemp("approval-work")
-    good = train_tiny_adapter(two_label_slice(), tiny_base, work / "adapter")
+    good = tiny_adapter
     broken = reversed_label_copy(good, work / "reversed")
     mlflow.set_tracking_uri(server["url"])
     with identity("trainer"):

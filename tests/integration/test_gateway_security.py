@@ -45,7 +45,6 @@ from tests.support import (
     REPO_ROOT,
     settings,
     sqlite_registry_with,
-    train_tiny_adapter,
     two_label_slice,
     venv_env,
     wait_for,
@@ -66,12 +65,11 @@ BURST_CONCURRENCY = 24
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_base) -> dict:
+def registry(tmp_path_factory, tiny_base, tiny_adapter) -> dict:
     """Version 1 of a tiny two-intent model, alias prod -> 1, in a SQLite registry."""
     home = tmp_path_factory.mktemp("gateway-home")
-    work = tmp_path_factory.mktemp("gateway-work")
     frame = two_label_slice()
-    adapter = train_tiny_adapter(frame, tiny_base, work / "adapter")
+    adapter = tiny_adapter
     uri, _ = sqlite_registry_with(home, NAME, [adapter], tiny_base)
     return {"home": home, "uri": uri, "texts": frame["text"].tolist()}
 

@@ -20,8 +20,6 @@ from tests.support import (
     REPO_ROOT,
     VENV_BIN,
     sqlite_registry_with,
-    train_tiny_adapter,
-    two_label_slice,
     venv_env,
 )
 
@@ -30,7 +28,7 @@ pytestmark = pytest.mark.slow
 NAME = "tuneloop-tls-test"
 
 
-def test_https_gateway_is_verified_and_plain_http_fails(tmp_path, tiny_base) -> None:
+def test_https_gateway_is_verified_and_plain_http_fails(tmp_path, tiny_base, tiny_adapter) -> None:
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
     cert_file, key_file, ca_file = tmp_path / "gateway.crt", tmp_path / "gateway.key", tmp_path / "ca.crt"
@@ -40,8 +38,7 @@ def test_https_gateway_is_verified_and_plain_http_fails(tmp_path, tiny_base) -> 
 
     home, project = tmp_path / "home", tmp_path / "project"
     project.mkdir()
-    adapter = train_tiny_adapter(two_label_slice(), tiny_base, tmp_path / "adapter")
-    uri, _ = sqlite_registry_with(home, NAME, [adapter], tiny_base)
+    uri, _ = sqlite_registry_with(home, NAME, [tiny_adapter], tiny_base)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["registry"]["model_name"] = NAME
     (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -30,7 +30,6 @@ from tests.support import (
     REPO_ROOT,
     reversed_label_copy,
     sqlite_registry_with,
-    train_tiny_adapter,
     two_label_slice,
     venv_env,
     wait_for,
@@ -44,12 +43,12 @@ STREAM_THREADS = 3
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_base) -> dict:
+def registry(tmp_path_factory, tiny_base, tiny_adapter) -> dict:
     """Versions 1 (good), 2 (labels reversed) and 3 (broken: one label for a two-class head); prod -> 1."""
     home = tmp_path_factory.mktemp("serving-home")
     work = tmp_path_factory.mktemp("serving-work")
     frame = two_label_slice()
-    good = train_tiny_adapter(frame, tiny_base, work / "good")
+    good = tiny_adapter
     flipped = reversed_label_copy(good, work / "flipped")
     broken = reversed_label_copy(good, work / "broken")
     (broken / LABELS_FILE).write_text(json.dumps(["cancel_order"]))

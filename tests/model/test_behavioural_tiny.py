@@ -7,12 +7,12 @@ import pytest
 from evaluation.behavioural import INV_TESTS, TESTS, behavioural_tests
 from pipelines.evaluate import evaluate, load_behavioural_cases
 from serving.inference import IntentClassifier
-from tests.support import REPO_ROOT, TWO_LABELS, settings, train_tiny_adapter, two_label_slice
+from tests.support import REPO_ROOT, TWO_LABELS, settings, two_label_slice
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_base, tmp_path_factory) -> IntentClassifier:
-    adapter = train_tiny_adapter(two_label_slice(), tiny_base, tmp_path_factory.mktemp("adapter"))
+def classifier(tiny_base, tiny_adapter) -> IntentClassifier:
+    adapter = tiny_adapter
     return IntentClassifier.load(adapter, device="cpu")
 
 
