@@ -283,6 +283,7 @@ def up(env: Environment, serve_available: bool) -> int:
                 )
         if not serve_available:
             print("`tuneloop serve` is not available in this version: no model servers started")
+        gateway_scheme = "https" if env.tls_cert_file else "http"
         admin_secret = (
             "$TUNELOOP_MLFLOW_ADMIN_PASSWORD" if env.mlflow_admin_password else secrets.admin_password_file
         )
@@ -292,7 +293,7 @@ def up(env: Environment, serve_available: bool) -> int:
             "  approvers      tuneloop users add NAME --role approver --password-file FILE  (as admin)\n"
             f"  Prefect UI     http://127.0.0.1:{ports.prefect}\n"
             + "".join(
-                f"  {alias:<14} http://127.0.0.1:{port}\n"
+                f"  {alias:<14} {gateway_scheme}://127.0.0.1:{port}\n"
                 for alias, port in ports.gateways.items()
                 if serve_available
             )

@@ -108,6 +108,7 @@ class AliasSupervisor:
             return None
         if current is not None and current.version == wanted:
             if current.server is None or (current.server.alive() and current.server.owns_port()):
+                self.state.refused = None  # the alias is back on what is served: nothing is refused
                 return None
             log.error("model server for v%s died or lost its port; starting it again", wanted)
         if self.vet is not None:

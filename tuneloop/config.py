@@ -163,7 +163,7 @@ class GatewayParams(_Frozen):
     max_batch_size: int = Field(ge=1)
     # Largest request body (bytes) read before refusing with 413.
     max_body_bytes: int = Field(ge=1)
-    # Token bucket per API key / token subject: sustained requests per second and burst size.
+    # Token bucket per API key / token subject, one token per text: sustained texts per second, burst.
     rate_limit_per_s: float = Field(gt=0)
     rate_limit_burst: int = Field(ge=1)
     # Inference log: bounded queue between request handlers and the writer thread.
@@ -261,7 +261,7 @@ class MonitoringParams(_Frozen):
     # Branch the appended data version's `.dvc` pointer is committed on; None: the checked-out branch.
     data_branch: str | None
     # Largest share of the labelled feedback one principal (API key / JWT subject) may contribute to
-    # the concept-drift test and to the appended data; 1.0 = no cap.
+    # the data the drift job appends for retraining; 1.0 = no cap.
     max_feedback_share_per_principal: float = Field(gt=0, le=1)
 
 

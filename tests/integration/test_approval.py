@@ -220,6 +220,13 @@ def test_only_approve_then_promote_reaches_prod(
         "bob approves his own v3": set_tag(server, "bob", "3", "approval", "approved"),
         "viewer approves": set_tag(server, "gateway", "1", "approval", "approved"),
         "deployer moves prod to unapproved v1": move_alias(server, "deployer", "prod", "1"),
+        "trainer rolls back (drops previous-prod)": rest(
+            server,
+            "trainer",
+            "DELETE",
+            "api/2.0/mlflow/registered-models/alias",
+            {"name": NAME, "alias": "previous-prod"},
+        ),
     }
     report = {case: (r.status_code, r.text[:200]) for case, r in refusals.items()}
     print(json.dumps(report, indent=2))
