@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tuneloop.paths import HomePaths
 
@@ -188,15 +188,6 @@ class GatewayParams(_Frozen):
     log_dead_letter_path: str | None
     # Inference and feedback rows older than this are deleted by the retention flow.
     log_retention_days: float = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _burst_holds_a_batch(self) -> GatewayParams:
-        if self.rate_limit_burst < self.max_batch_size:
-            raise ValueError(
-                f"rate_limit_burst ({self.rate_limit_burst}) must be at least max_batch_size "
-                f"({self.max_batch_size}): a request is charged one token per text"
-            )
-        return self
 
 
 class RegistryParams(_Frozen):

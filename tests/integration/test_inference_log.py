@@ -66,7 +66,11 @@ def db_url(tmp_path: Path) -> str:
 
 def test_burst_from_concurrent_producers_then_shutdown_loses_nothing(db_url: str) -> None:
     """Threads and an event loop write at once, faster than one insert each; close() flushes all."""
-    writer = InferenceLogWriter(db_url, queue_size=500, batch_size=200, flush_interval_s=0.05).start()
+    # Producers may wait for room as long as it takes (drops on a full queue are tested below): on a
+    # busy 2-core machine the writer thread can be starved for over a second.
+    writer = InferenceLogWriter(
+        db_url, queue_size=500, batch_size=200, flush_interval_s=0.05, enqueue_timeout_s=30
+    ).start()
     accepted = []
 
     def thread_producer(worker: int) -> None:
