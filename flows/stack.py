@@ -26,8 +26,8 @@ import httpx
 
 from registry.access import (
     ADMIN_USERNAME,
-    AUTH_APP_NAME,
     add_user,
+    auth_server_command,
     auth_server_environment,
     generated_password,
 )
@@ -144,24 +144,9 @@ def services(
     listed = [
         Service(
             "mlflow",
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--app-name",
-                AUTH_APP_NAME,
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{env.paths.mlflow_db}",
-                "--artifacts-destination",
-                str(home / "mlartifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports.mlflow),
-            ],
+            auth_server_command(
+                sys.executable, f"sqlite:///{env.paths.mlflow_db}", home / "mlartifacts", ports.mlflow
+            ),
             f"http://127.0.0.1:{ports.mlflow}/health",
             env=auth_server_environment(
                 home / "mlflow-auth",

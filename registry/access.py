@@ -133,3 +133,25 @@ def auth_server_environment(
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
     }
+
+
+def auth_server_command(python: str, backend_store_uri: str, artifacts: Path, port: int) -> list[str]:
+    """`mlflow server --app-name tuneloop` on loopback: one worker process (see registry/server.py)."""
+    return [
+        python,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        AUTH_APP_NAME,
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]

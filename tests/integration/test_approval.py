@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
-from registry.access import ADMIN_USERNAME, AUTH_APP_NAME, add_user, auth_server_environment
+from registry.access import ADMIN_USERNAME, add_user, auth_server_command, auth_server_environment
 from registry.register import metric_tags
 from registry.server import audit_entries
 from registry.server_rules import APPROVAL_RECORD, REGISTERED_BY, RUN_CREATED_BY, registry_vetter
@@ -100,22 +100,9 @@ def server(tmp_path_factory) -> Iterator[dict]:
     environment = venv_env(**auth_server_environment(folder, ADMIN_PASSWORD, "secret-key-for-tests"))
     with open(folder / "server.log", "wb") as log_file:
         process = subprocess.Popen(
-            [
-                str(VENV_BIN / "mlflow"),
-                "server",
-                "--app-name",
-                AUTH_APP_NAME,
-                "--backend-store-uri",
-                f"sqlite:///{folder / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(folder / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
+            auth_server_command(
+                str(VENV_BIN / "python"), f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts", port
+            ),
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,
