@@ -85,6 +85,9 @@ class TrainParams(_Frozen):
     device: Literal["auto", "cpu", "cuda"]
     # Cap on training examples (0 = all); for smoke runs and benchmarks.
     max_train_examples: int = Field(ge=0)
+    # Data-parallel training processes (DDP: NCCL on GPUs, gloo on CPU); 1 = a single process.
+    # batch_size stays the global batch: each process takes batch_size / processes examples per step.
+    processes: int = Field(ge=1)
 
 
 class CounterfactualParams(_Frozen):
