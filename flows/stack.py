@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -32,12 +33,15 @@ from registry.access import (
     generated_password,
 )
 from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment
+from tuneloop.local_engines import LOCAL_S3_CREDENTIALS, STOP_SIGNAL_POSTGRES, LocalPostgres, LocalS3
+from tuneloop.stores import STORE_CHOICES, ensure_bucket, ensure_databases
 from tuneloop.tracking import acting_as
 
 PID_FILE = "stack.pid"
 READY_LINE = "tuneloop is up:"
 # Without these two nothing else works: their exit stops the stack.
-CORE_SERVICES = {"mlflow", "prefect"}
+CORE_SERVICES = {"postgres", "s3", "mlflow", "prefect"}
+LOCAL_BUCKET = "tuneloop"
 STOP_GRACE_S = 15.0
 
 
@@ -70,6 +74,9 @@ class Service:
     process: subprocess.Popen | None = None
     # Added to the stack's environment for this service only (its identity and secrets).
     env: dict[str, str] = field(default_factory=dict)
+    # Readiness for a service that speaks no HTTP (PostgreSQL); health_url is the HTTP equivalent.
+    ready: Callable[[], bool] | None = None
+    stop_signal: int = signal.SIGTERM
 
 
 # Service identities the stack creates on its MLflow server, with their tuneloop roles.
@@ -129,7 +136,29 @@ def stack_environment(env: Environment, ports: StackPorts) -> dict[str, str]:
         "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
         "PREFECT_HOME": str(env.home_dir / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **env.stores.server_environment(),
     }
+
+
+def local_store_services(env: Environment) -> tuple[list[Service], dict[str, str]]:
+    """`--stores postgres+s3`: a PostgreSQL cluster in $TUNELOOP_HOME/postgres and an S3 endpoint (moto)
+    for each store the environment does not already name, and the variables that point the stack at them.
+    """
+    listed: list[Service] = []
+    variables: dict[str, str] = {}
+    if env.database_url is None:
+        postgres = LocalPostgres(env.home_dir / "postgres", env.postgres_port)
+        postgres.initialise()
+        listed.append(
+            Service("postgres", postgres.command(), ready=postgres.is_ready, stop_signal=STOP_SIGNAL_POSTGRES)
+        )
+        variables["TUNELOOP_DATABASE_URL"] = postgres.url
+    if env.s3_url is None:
+        s3 = LocalS3(env.s3_port)
+        listed.append(Service("s3", s3.command(), ready=s3.is_ready))
+        variables |= {"TUNELOOP_S3_URL": f"s3://{LOCAL_BUCKET}", "TUNELOOP_S3_ENDPOINT_URL": s3.endpoint_url}
+        variables |= {name: os.environ.get(name, value) for name, value in LOCAL_S3_CREDENTIALS.items()}
+    return listed, variables
 
 
 def services(
@@ -145,13 +174,17 @@ def services(
         Service(
             "mlflow",
             auth_server_command(
-                sys.executable, f"sqlite:///{env.paths.mlflow_db}", home / "mlartifacts", ports.mlflow
+                sys.executable,
+                env.stores.mlflow_backend_store_uri or f"sqlite:///{env.paths.mlflow_db}",
+                env.stores.mlflow_artifacts_destination or home / "mlartifacts",
+                ports.mlflow,
             ),
             f"http://127.0.0.1:{ports.mlflow}/health",
             env=auth_server_environment(
                 home / "mlflow-auth",
                 secrets.admin_password(env),
                 generated_password(secrets.password_file("mlflow-flask-secret")),
+                env.stores.mlflow_auth_database_uri,
             ),
         ),
         Service(
@@ -178,19 +211,34 @@ def services(
     return listed
 
 
-def wait_healthy(name: str, process: subprocess.Popen, health_url: str, seconds: float) -> None:
-    """Until ``health_url`` answers 200; fails early, with the exit code, when the process dies."""
+def wait_ready(name: str, process: subprocess.Popen, ready: Callable[[], bool], seconds: float) -> None:
+    """Until ``ready()``; fails early, with the exit code, when the process dies."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode} while starting")
-        try:
-            if httpx.get(health_url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if ready():
+            return
         time.sleep(0.5)
-    raise TimeoutError(f"{name} did not answer {health_url} within {seconds:.0f} s")
+    raise TimeoutError(f"{name} was not ready within {seconds:.0f} s")
+
+
+def answers_200(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def wait_healthy(name: str, process: subprocess.Popen, health_url: str, seconds: float) -> None:
+    """Until ``health_url`` answers 200; fails early, with the exit code, when the process dies."""
+    try:
+        wait_ready(name, process, answers_200(health_url), seconds)
+    except TimeoutError:
+        raise TimeoutError(f"{name} did not answer {health_url} within {seconds:.0f} s") from None
 
 
 def _start(service: Service, environ: dict[str, str], cwd: Path, logs: Path) -> subprocess.Popen:
@@ -212,7 +260,7 @@ def _stop(service: Service) -> None:
     if process is None or process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, service.stop_signal)
         process.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
@@ -221,8 +269,15 @@ def _stop(service: Service) -> None:
         pass
 
 
-def up(env: Environment, serve_available: bool) -> int:
+def up(env: Environment, serve_available: bool, stores: str = "env") -> int:
     """Start the stack, print where everything is, and stop it all on Ctrl-C or SIGTERM."""
+    if stores not in STORE_CHOICES:
+        raise ValueError(f"--stores takes one of {STORE_CHOICES}, got {stores!r}")
+    store_services, store_variables = local_store_services(env) if stores == "postgres+s3" else ([], {})
+    if store_variables:
+        # Every service and flow run reads its stores from these, as on a team's machines.
+        os.environ.update(store_variables)
+        env = Environment.from_env(env.project_dir)
     ports = StackPorts.from_env(env)
     logs = env.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -242,7 +297,14 @@ def up(env: Environment, serve_available: bool) -> int:
     # `tuneloop down` sends SIGTERM: stop the same way as on Ctrl-C.
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        for service in services(env, ports, serve_available, secrets):
+        for service in [*store_services, *services(env, ports, serve_available, secrets)]:
+            if service.name == "mlflow":
+                # The servers' databases and bucket exist before the servers that use them start.
+                created = ensure_databases(env.stores)
+                if ensure_bucket(env.stores):
+                    created.append(f"bucket {env.stores.bucket}")
+                if created:
+                    print(f"created {', '.join(created)}", flush=True)
             process = _start(service, environ, env.project_dir, logs)
             started.append((service, process))
             print(
@@ -251,6 +313,8 @@ def up(env: Environment, serve_available: bool) -> int:
             )
             if service.health_url:
                 wait_healthy(service.name, process, service.health_url, 120)
+            if service.ready:
+                wait_ready(service.name, process, service.ready, 120)
             if service.name == "mlflow":
                 provision_identities(environ["MLFLOW_TRACKING_URI"], secrets, secrets.admin_password(env))
             if service.name == "prefect":
@@ -281,6 +345,12 @@ def up(env: Environment, serve_available: bool) -> int:
                 f"  {alias:<14} {gateway_scheme}://127.0.0.1:{port}\n"
                 for alias, port in ports.gateways.items()
                 if serve_available
+            )
+            + f"  stores         {env.stores.describe()}\n"
+            + (
+                "                 (local S3 keeps objects in memory: `tuneloop down` loses them)\n"
+                if any(service.name == "s3" for service in store_services)
+                else ""
             )
             + f"  logs           {logs}\n"
             "Use it from another shell with:\n"
@@ -324,7 +394,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up_in_background(env: Environment, seconds: float = 300) -> int:
+def up_in_background(env: Environment, stores: str = "env", seconds: float = 300) -> int:
     """`tuneloop up --background`: the same supervisor, detached, logging to $TUNELOOP_HOME/logs/up.log.
 
     Returns once the stack printed that it is up (or failed), showing the same URLs.
@@ -335,7 +405,7 @@ def up_in_background(env: Environment, seconds: float = 300) -> int:
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            _tuneloop("up"),
+            _tuneloop("up", "--stores", stores),
             cwd=env.project_dir,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -135,8 +135,12 @@ def auth_server_environment(
     }
 
 
-def auth_server_command(python: str, backend_store_uri: str, artifacts: Path, port: int) -> list[str]:
-    """`mlflow server --app-name tuneloop` on loopback: one worker process (see registry/server.py)."""
+def auth_server_command(python: str, backend_store_uri: str, artifacts: Path | str, port: int) -> list[str]:
+    """`mlflow server --app-name tuneloop` on loopback: one worker process (see registry/server.py).
+
+    ``artifacts`` is a folder or an object store URL (``s3://bucket/prefix``); clients reach it only
+    through the server's artifact proxy, so only the server holds the store's credentials.
+    """
     return [
         python,
         "-m",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engines import require_postgres, running_postgres, running_s3
 from tests.support import build_tiny_base, copy_repo_as_project, train_tiny_adapter, two_label_slice
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,3 +54,23 @@ def prefect_harness():
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         with prefect_test_harness(server_startup_timeout=60):
             yield
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests make their own databases)."""
+    require_postgres()
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session, with dummy credentials in this process."""
+    from tuneloop.local_engines import LOCAL_S3_CREDENTIALS
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LOCAL_S3_CREDENTIALS.items():
+            patch.setenv(name, value)
+        with running_s3() as server:
+            yield server

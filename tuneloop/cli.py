@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment, Params, load_params
 from tuneloop.io import read_json
 from tuneloop.paths import ADAPTER_DIR, EVALUATE_METRICS, GATES_FILE, METRICS_DIR, PREPARED_DIR, SAMPLE_DATA
+from tuneloop.stores import STORE_CHOICES
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -61,6 +62,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 args.label_column,
                 tuple(args.group_column),
                 env.dvc_remote_url,
+                env.s3_endpoint_url,
             )
         except DatasetRefused as refused:
             print(str(refused), file=sys.stderr)
@@ -71,7 +73,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     params = load_params(env.project_dir / args.params)
     result = init_project(
-        env.project_dir, env.project_dir / args.sample, Path(params.data.raw_path), env.dvc_remote_url
+        env.project_dir,
+        env.project_dir / args.sample,
+        Path(params.data.raw_path),
+        env.dvc_remote_url,
+        remote_endpoint_url=env.s3_endpoint_url,
     )
     print(
         f"DVC repo {'created' if result.created_dvc_repo else 'ready'}; data {params.data.raw_path} "
@@ -318,9 +324,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     env = Environment.from_env()
     if args.background:
-        return up_in_background(env)
+        return up_in_background(env, args.stores)
     # The model servers need `tuneloop serve`; without it the rest of the stack still starts.
-    return up(env, serve_available="cmd_serve" in globals())
+    return up(env, serve_available="cmd_serve" in globals(), stores=args.stores)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -558,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start MLflow, Prefect, a worker and the model servers; Ctrl-C stops")
     up.add_argument("--background", action="store_true", help="detach; stop with `tuneloop down`")
+    up.add_argument(
+        "--stores",
+        choices=STORE_CHOICES,
+        default="env",
+        help="env: the stores TUNELOOP_DATABASE_URL / TUNELOOP_S3_URL name (SQLite and folders when unset); "
+        "postgres+s3: also start a local PostgreSQL and S3 endpoint for those not named",
+    )
     up.set_defaults(handler=cmd_up)
 
     down = commands.add_parser("down", help="stop a stack started with `tuneloop up --background`")

@@ -14,11 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tuneloop.paths import HomePaths
+from tuneloop.stores import SharedStores
 
 # Where `tuneloop serve --env <alias>` listens unless told otherwise, and the local stack's servers.
 DEFAULT_GATEWAY_PORTS = {"prod": 8000, "dev": 8001}
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_PREFECT_PORT = 4200
+DEFAULT_POSTGRES_PORT = 55432
+DEFAULT_S3_PORT = 9090
 # Names a Prefect work pool that overrides orchestration.work_pool (read here, in Environment.from_env).
 WORK_POOL_ENV = "TUNELOOP_WORK_POOL"
 
@@ -310,6 +313,11 @@ class Environment(_Frozen):
 
     project_dir: Path
     home_dir: Path
+    # Shared stores (docs/shared-stores.md): a PostgreSQL server and an S3 location for the whole stack.
+    database_url: SecretStr | None = None
+    database_prefix: str = ""
+    s3_url: str | None = None
+    s3_endpoint_url: str | None = None
     tracking_uri: str
     experiment_name: str
     dvc_remote_url: str
@@ -331,6 +339,9 @@ class Environment(_Frozen):
     # Ports of the local stack that `tuneloop up` starts.
     mlflow_port: int
     prefect_port: int
+    # `tuneloop up --stores postgres+s3`: where its local PostgreSQL and S3 endpoint listen.
+    postgres_port: int = DEFAULT_POSTGRES_PORT
+    s3_port: int = DEFAULT_S3_PORT
     # The password `tuneloop users add` gives a new user when no --password-file is given.
     new_user_password: SecretStr | None = None
     # `tuneloop serve` speaks HTTPS with this certificate chain and key (both or neither).
@@ -343,6 +354,15 @@ class Environment(_Frozen):
     # The identity the promotion flow acts as on the tracking server (default: the process's own).
     deployer_username: str | None = None
     deployer_password_file: Path | None = None
+
+    @property
+    def stores(self) -> SharedStores:
+        return SharedStores(
+            self.database_url.get_secret_value() if self.database_url else None,
+            self.s3_url,
+            self.s3_endpoint_url,
+            self.database_prefix,
+        )
 
     def tls_client_context(self) -> ssl.SSLContext:
         """How tuneloop's HTTP clients verify a gateway: always, against ``tls_ca_file`` when set."""
@@ -359,14 +379,29 @@ class Environment(_Frozen):
         api_key = os.environ.get("TUNELOOP_API_KEY")
         new_password = os.environ.get("TUNELOOP_NEW_USER_PASSWORD")
         admin_password = os.environ.get("TUNELOOP_MLFLOW_ADMIN_PASSWORD")
+        database_url = os.environ.get("TUNELOOP_DATABASE_URL") or None
+        # Validated here, so that a wrong URL fails at start-up with the variable's name.
+        stores = SharedStores(
+            database_url,
+            os.environ.get("TUNELOOP_S3_URL") or None,
+            os.environ.get("TUNELOOP_S3_ENDPOINT_URL") or None,
+            os.environ.get("TUNELOOP_DATABASE_PREFIX", ""),
+        )
         return cls(
             project_dir=project,
             home_dir=home,
+            database_url=SecretStr(database_url) if database_url else None,
+            database_prefix=stores.database_prefix,
+            s3_url=stores.s3_url,
+            s3_endpoint_url=stores.s3_endpoint_url,
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{paths.mlflow_db}"),
             experiment_name=os.environ.get("TUNELOOP_EXPERIMENT", "tuneloop"),
-            dvc_remote_url=os.environ.get("TUNELOOP_DVC_REMOTE", str(paths.dvc_remote)),
+            dvc_remote_url=os.environ.get(
+                "TUNELOOP_DVC_REMOTE", stores.dvc_remote_url or str(paths.dvc_remote)
+            ),
             inference_log_url=os.environ.get(
-                "TUNELOOP_INFERENCE_LOG_URL", f"sqlite:///{paths.inference_log_db}"
+                "TUNELOOP_INFERENCE_LOG_URL",
+                stores.inference_log_url or f"sqlite:///{paths.inference_log_db}",
             ),
             api_keys_path=Path(os.environ.get("TUNELOOP_API_KEYS_FILE", paths.api_keys)),
             jwt_issuer=os.environ.get("TUNELOOP_JWT_ISSUER") or None,
@@ -385,6 +420,8 @@ class Environment(_Frozen):
             work_pool=os.environ.get(WORK_POOL_ENV) or None,
             mlflow_port=int(os.environ.get("TUNELOOP_MLFLOW_PORT", DEFAULT_MLFLOW_PORT)),
             prefect_port=int(os.environ.get("TUNELOOP_PREFECT_PORT", DEFAULT_PREFECT_PORT)),
+            postgres_port=int(os.environ.get("TUNELOOP_POSTGRES_PORT", DEFAULT_POSTGRES_PORT)),
+            s3_port=int(os.environ.get("TUNELOOP_S3_PORT", DEFAULT_S3_PORT)),
             new_user_password=SecretStr(new_password) if new_password else None,
             tls_cert_file=_optional_path("TUNELOOP_TLS_CERT_FILE"),
             tls_key_file=_optional_path("TUNELOOP_TLS_KEY_FILE"),

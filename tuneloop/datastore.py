@@ -71,18 +71,28 @@ def ensure_dvc_repo(project_dir: Path) -> bool:
     return True
 
 
-def ensure_default_remote(project_dir: Path, remote_url: str) -> tuple[str, str]:
-    """Keep the user's default remote if there is one; else add a local-folder remote as default.
+def ensure_default_remote(
+    project_dir: Path, remote_url: str, endpoint_url: str | None = None
+) -> tuple[str, str]:
+    """Keep the user's default remote if there is one; else make ``remote_url`` tuneloop's default remote.
 
-    The fallback goes into ``.dvc/config.local`` (not committed), since a folder path is machine-specific.
+    tuneloop's own remote goes into ``.dvc/config.local`` (not committed: a folder path or a team's
+    bucket is machine- or deployment-specific) and follows ``remote_url``, so that switching the stack
+    to shared stores (TUNELOOP_S3_URL) moves it too. ``endpoint_url`` is an S3-compatible endpoint.
     """
     with Repo(str(project_dir)) as repo:
         default = repo.config["core"].get("remote")
-        if default:
+        if default and default != LOCAL_REMOTE_NAME:
             return default, repo.config["remote"][default]["url"]
-        Path(remote_url).mkdir(parents=True, exist_ok=True)
+        if "://" not in remote_url:
+            Path(remote_url).mkdir(parents=True, exist_ok=True)
+        settings = {"url": str(remote_url)}
+        if endpoint_url:
+            settings["endpointurl"] = endpoint_url
+        if default == LOCAL_REMOTE_NAME and repo.config["remote"][default] == settings:
+            return default, str(remote_url)
         with repo.config.edit("local") as config:
-            config["remote"][LOCAL_REMOTE_NAME] = {"url": str(remote_url)}
+            config["remote"][LOCAL_REMOTE_NAME] = settings
             config["core"]["remote"] = LOCAL_REMOTE_NAME
     return LOCAL_REMOTE_NAME, str(remote_url)
 
@@ -185,6 +195,7 @@ def init_project(
     raw_path: Path,
     remote_url: str,
     test_path: Path | None = None,
+    remote_endpoint_url: str | None = None,
 ) -> InitResult:
     """Idempotently: DVC repo, raw data and frozen test file in place, both tracked, pushed.
 
@@ -195,7 +206,7 @@ def init_project(
     """
     project_dir = project_dir.resolve()
     created = ensure_dvc_repo(project_dir)
-    remote, url = ensure_default_remote(project_dir, remote_url)
+    remote, url = ensure_default_remote(project_dir, remote_url, remote_endpoint_url)
     raw = raw_path if raw_path.is_absolute() else project_dir / raw_path
     copied = False
     if not _restore_from_remote(project_dir, raw):
@@ -623,6 +634,7 @@ def init_dataset(
     label_column: str,
     group_columns: Sequence[str],
     remote_url: str,
+    remote_endpoint_url: str | None = None,
 ) -> DatasetResult:
     """`tuneloop init --data`: check, DVC-track (never git), push, write the mapping into params.yaml.
 
@@ -639,6 +651,7 @@ def init_dataset(
             label_column,
             tuple(group_columns),
             remote_url,
+            remote_endpoint_url,
         )
 
 
@@ -651,6 +664,7 @@ def _init_dataset(
     label_column: str,
     group_columns: tuple[str, ...],
     remote_url: str,
+    remote_endpoint_url: str | None,
 ) -> DatasetResult:
     if test_file is not None and test_file == data_file:
         raise DatasetRefused(
@@ -658,7 +672,7 @@ def _init_dataset(
         )
     checked = check_dataset(data_file, test_file, text_column, label_column, group_columns)
     created = ensure_dvc_repo(project_dir)
-    remote, url = ensure_default_remote(project_dir, remote_url)
+    remote, url = ensure_default_remote(project_dir, remote_url, remote_endpoint_url)
     data = track_file(project_dir, data_file)
     notes = []
     if test_file is not None and checked.test_frame is not None:

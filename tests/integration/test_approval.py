@@ -1,8 +1,11 @@
 """Approval that cannot be bypassed, against a real `mlflow server --app-name tuneloop` with authentication.
 
-One server for the module (users and roles made by `tuneloop users add` and the same function in
+One server per store kind (users and roles made by `tuneloop users add` and the same function in
 process), a tiny two-intent model registered twice by the trainer identity, the real promotion flow
 under a Prefect test server, and a real gateway whose supervisor follows `prod` with real model servers.
+Every test runs twice: on the embedded stores (SQLite, folders) and on the shared ones a team runs —
+the registry and users on PostgreSQL, artifacts in S3 behind the server's proxy, the gateway's log on
+PostgreSQL — with the same code.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from registry.server import audit_entries
 from registry.server_rules import APPROVAL_RECORD, REGISTERED_BY, RUN_CREATED_BY, registry_vetter
 from serving.auth import ApiKeyStore, Authenticator, create_api_key
 from serving.gateway import create_app
-from serving.inference_log import InferenceLogWriter
+from serving.inference_log import InferenceLogWriter, read_window
 from serving.model_server import free_port, wait_until_ready
 from serving.pyfunc_model import log_intent_model
 from serving.routing import BackendPool
@@ -44,6 +47,7 @@ from tests.support import (
     wait_for,
 )
 from tuneloop.config import load_params
+from tuneloop.stores import SharedStores, ensure_bucket, ensure_databases
 from tuneloop.tracking import acting_as
 
 pytestmark = pytest.mark.slow
@@ -92,17 +96,34 @@ def move_alias(server: dict, user: str, alias: str, version: str) -> httpx.Respo
     return rest(server, user, "POST", "api/2.0/mlflow/registered-models/alias", body)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict]:
+@pytest.fixture(scope="module", params=["embedded", "postgres+s3"])
+def server(request, tmp_path_factory) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("auth-mlflow")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    environment = venv_env(**auth_server_environment(folder, ADMIN_PASSWORD, "secret-key-for-tests"))
+    if request.param == "postgres+s3":
+        stores = SharedStores(
+            request.getfixturevalue("postgres_server").url,
+            "s3://approval-test/team",
+            request.getfixturevalue("s3_server").endpoint_url,
+            database_prefix="approval_",
+        )
+        ensure_databases(stores)
+        ensure_bucket(stores)
+        backend, artifacts = stores.mlflow_backend_store_uri, stores.mlflow_artifacts_destination
+        users_db, log_url = stores.mlflow_auth_database_uri, stores.inference_log_url
+    else:
+        stores = None
+        backend, artifacts = f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")
+        users_db, log_url = None, f"sqlite:///{folder / 'inference_log.db'}"
+    assert backend and artifacts and log_url
+    environment = venv_env(
+        **auth_server_environment(folder, ADMIN_PASSWORD, "secret-key-for-tests", users_db),
+        **(stores.s3_client_environment() if stores else {}),
+    )
     with open(folder / "server.log", "wb") as log_file:
         process = subprocess.Popen(
-            auth_server_command(
-                str(VENV_BIN / "python"), f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts", port
-            ),
+            auth_server_command(str(VENV_BIN / "python"), backend, artifacts, port),
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -110,7 +131,13 @@ def server(tmp_path_factory) -> Iterator[dict]:
         )
     try:
         wait_for(f"{url}/health", process, 120)
-        yield {"url": url, "folder": folder, "log": folder / "server.log"}
+        yield {
+            "url": url,
+            "folder": folder,
+            "log": folder / "server.log",
+            "stores": stores,
+            "inference_log_url": log_url,
+        }
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
@@ -288,7 +315,7 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
             pool,
             supervisor,
             authenticator=Authenticator(api_keys=ApiKeyStore(keys)),
-            inference_log=InferenceLogWriter(f"sqlite:///{tmp_path / 'log.db'}", flush_interval_s=0.05),
+            inference_log=InferenceLogWriter(server["inference_log_url"], flush_interval_s=0.05),
             labels=list(TWO_LABELS),
             settings=settings("gateway"),
             default_top_k=1,
@@ -314,6 +341,8 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
                     answers.append((response.status_code, response.json().get("model_version")))
             status = gateway.get("/v1/status", headers={"X-API-Key": admin_key}).json()
             metrics = gateway.get("/metrics", headers={"X-API-Key": admin_key}).text
+    logged = read_window(server["inference_log_url"])
+    assert len(logged) == len(answers) and set(logged["model_version"]) == {"1"}
     failed = [a for a in answers if a[0] != 200]
     print(
         json.dumps({"requests": len(answers), "failed": len(failed), "status": status}, indent=2, default=str)
@@ -394,3 +423,33 @@ def test_model_code_sees_none_of_the_gateway_secrets(server, users, versions, tm
     print(json.dumps({"variables_seen": sorted(seen), "leaked": leaked_names + leaked_values}, indent=2))
     assert leaked_names == [] and leaked_values == []
     assert "PATH" in seen
+
+
+def test_the_shared_stores_hold_the_registry_and_the_artifacts(server, versions) -> None:
+    """On PostgreSQL + S3 nothing lands in local files: rows in the databases, objects in the bucket."""
+    stores = server["stores"]
+    if stores is None:
+        pytest.skip("the embedded stores are files by design")
+    import boto3
+    import sqlalchemy
+
+    counts = {}
+    for database, tables in {
+        stores.mlflow_backend_store_uri: ("registered_models", "model_versions", "runs", "metrics"),
+        stores.mlflow_auth_database_uri: ("users",),
+        stores.inference_log_url: ("predictions",),
+    }.items():
+        engine = sqlalchemy.create_engine(database)
+        with engine.connect() as connection:
+            for table in tables:
+                counts[table] = connection.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar()
+        engine.dispose()
+    objects = boto3.client("s3", endpoint_url=stores.s3_endpoint_url).list_objects_v2(
+        Bucket=stores.bucket, Prefix="team/mlartifacts/"
+    )
+    counts["s3_objects"] = objects["KeyCount"]
+    print(json.dumps(counts, indent=2))
+    assert counts["registered_models"] >= 1 and counts["model_versions"] >= 3 and counts["users"] >= 6
+    # Each logged model is its MLmodel, the pyfunc's code/environment files and the adapter + base files.
+    assert counts["s3_objects"] >= 10
+    assert not (server["folder"] / "artifacts").exists() and not (server["folder"] / "mlflow.db").exists()
