@@ -3,10 +3,12 @@ params.yaml, throwaway copies of the project, and waiting for servers. Fixtures 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -210,3 +212,28 @@ def make_project(root: Path, tiny_base: Path) -> Path:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a command the way a user would, with this interpreter's bin/ first on PATH."""
     return subprocess.run(list(args), cwd=cwd, env=venv_env(), capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def prefect_server_at(api_url: str) -> Iterator[None]:
+    """Point this process (every thread included) at a running Prefect server, as the test harness does.
+
+    On exit the log and event workers are drained while that server still runs, so that nothing queued
+    for it leaks into the next module's server (they would wait out timeouts against a stopped one).
+    """
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # The second context reads the settings the first has just entered.
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()),
+    ):
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # the log worker never started
+                APILogWorker.instance().drain()
+            EventsWorker.drain_all()

@@ -1,33 +1,52 @@
-"""`tuneloop up --background` starts the whole local stack, `tuneloop down` stops every process of it."""
+"""`tuneloop up --background` starts the whole local stack, `tuneloop down` stops every process of it.
+
+Twice: on the embedded stores, and with `--stores postgres+s3` (its own PostgreSQL and S3 endpoint).
+"""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import sqlalchemy
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from serving.model_server import free_port
+from tests.engines import require_postgres
 from tests.support import VENV_BIN
 
 pytestmark = pytest.mark.slow
 
 
-def test_up_in_the_background_then_down(flow_project, module_env, monkeypatch):
-    ports = {name: free_port() for name in ("mlflow", "prefect", "dev", "prod")}
+@pytest.mark.parametrize("stores", ["env", "postgres+s3"])
+def test_up_in_the_background_then_down(stores, flow_project, module_env, monkeypatch):
+    ports = {name: free_port() for name in ("mlflow", "prefect", "dev", "prod", "postgres", "s3")}
     monkeypatch.setenv("TUNELOOP_MLFLOW_PORT", str(ports["mlflow"]))
     monkeypatch.setenv("TUNELOOP_PREFECT_PORT", str(ports["prefect"]))
     monkeypatch.setenv("TUNELOOP_DEV_URL", f"http://127.0.0.1:{ports['dev']}")
     monkeypatch.setenv("TUNELOOP_PROD_URL", f"http://127.0.0.1:{ports['prod']}")
+    monkeypatch.setenv("TUNELOOP_POSTGRES_PORT", str(ports["postgres"]))
+    monkeypatch.setenv("TUNELOOP_S3_PORT", str(ports["s3"]))
     monkeypatch.setenv("TUNELOOP_WORK_POOL", "stack-test-pool")
     home = module_env / "home"
+    if stores == "postgres+s3":
+        require_postgres()
+        # A home the `postgres` system user can reach (pytest's tmp folders are closed to it).
+        home = Path(tempfile.mkdtemp(prefix="tuneloop-stack-"))
+        home.chmod(0o755)
+        monkeypatch.setenv("TUNELOOP_HOME", str(home))
 
     up = subprocess.run(
-        [str(VENV_BIN / "tuneloop"), "up", "--background"], cwd=flow_project, capture_output=True, text=True
+        [str(VENV_BIN / "tuneloop"), "up", "--background", "--stores", stores],
+        cwd=flow_project,
+        capture_output=True,
+        text=True,
     )
     log = (home / "logs" / "up.log").read_text()
     pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) \(pid (\d+)\)", log)}
@@ -35,7 +54,13 @@ def test_up_in_the_background_then_down(flow_project, module_env, monkeypatch):
         assert up.returncode == 0, up.stdout + up.stderr + log
         assert f"MLflow UI      http://127.0.0.1:{ports['mlflow']}" in up.stdout
         assert f"Prefect UI     http://127.0.0.1:{ports['prefect']}" in up.stdout
-        assert set(pids) == {"mlflow", "prefect", "worker", "serve-dev", "serve-prod"}
+        services = {"mlflow", "prefect", "worker", "serve-dev", "serve-prod"}
+        if stores == "postgres+s3":
+            services |= {"postgres", "s3"}
+            assert f"PostgreSQL postgresql://postgres@127.0.0.1:{ports['postgres']}" in up.stdout
+            assert f"S3 s3://tuneloop at http://127.0.0.1:{ports['s3']}" in up.stdout
+            assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
+        assert set(pids) == services
         assert "deployments registered" in log
         mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
         assert httpx.get(f"{mlflow_url}/health", timeout=5).status_code == 200
@@ -56,6 +81,22 @@ def test_up_in_the_background_then_down(flow_project, module_env, monkeypatch):
             names = {d.name for d in client.read_deployments()}
             pool = client.read_work_pool("stack-test-pool")
         assert {"nightly", "poll"} <= names and pool.type == "process"
+        if stores == "postgres+s3":
+            # MLflow's runs, users and Prefect's deployments are rows in the stack's PostgreSQL.
+            server = f"postgresql://postgres@127.0.0.1:{ports['postgres']}"
+            counts = {}
+            for database, table in (
+                ("mlflow_auth", "users"),
+                ("prefect", "deployment"),
+                ("mlflow", "experiments"),
+            ):
+                engine = sqlalchemy.create_engine(f"{server}/{database}")
+                with engine.connect() as connection:
+                    counts[table] = connection.execute(
+                        sqlalchemy.text(f"SELECT count(*) FROM {table}")
+                    ).scalar()
+                engine.dispose()
+            assert counts["users"] >= 4 and counts["deployment"] >= 2 and counts["experiments"] >= 1, counts
         assert all(psutil.pid_exists(pid) for pid in pids.values()), log
     finally:
         down = subprocess.run(

@@ -1,6 +1,7 @@
 """The `monitor-drift` flow end to end on a real Prefect server, a real inference log and DVC.
 
-Drifted, labelled traffic (predicted by the tiny adapter) goes through the gateway's log writer;
+Drifted, labelled traffic (predicted by the tiny adapter) goes through the gateway's log writer
+(SQLite, or PostgreSQL with the DVC remote on S3: the test runs on both);
 the flow detects drift, appends the feedback as a new DVC data version (pushed to the remote, its
 pointer committed to git), logs to MLflow, writes the Prometheus summary, publishes the alert
 artifact, and starts a run of the `continuous-training/nightly` deployment on that commit. A second
@@ -25,6 +26,7 @@ from pipelines.train import train
 from tests.support import REPO_ROOT, git, settings
 from tuneloop.config import Environment, ModelParams, load_params
 from tuneloop.datastore import init_project, tracked_md5
+from tuneloop.stores import SharedStores, ensure_bucket, ensure_databases
 
 RAW_POINTER = "data/raw/intents.csv.dvc"
 
@@ -79,8 +81,41 @@ def log_drifted_traffic(db_url: str, adapter: Path, drifted: pd.DataFrame, first
     writer.close()
 
 
+@pytest.fixture(params=["embedded", "postgres+s3"])
+def stores(request, project, monkeypatch) -> SharedStores | None:
+    """The embedded log and folder remote, or the inference log on PostgreSQL and the DVC remote on S3."""
+    if request.param == "embedded":
+        return None
+    postgres, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+    shared = SharedStores(postgres.url, "s3://drift-test/team", s3.endpoint_url, database_prefix="drift_")
+    ensure_databases(shared)
+    ensure_bucket(shared)
+    monkeypatch.setenv("TUNELOOP_DATABASE_URL", postgres.url)
+    monkeypatch.setenv("TUNELOOP_DATABASE_PREFIX", shared.database_prefix)
+    monkeypatch.setenv("TUNELOOP_S3_URL", str(shared.s3_url))
+    monkeypatch.setenv("TUNELOOP_S3_ENDPOINT_URL", s3.endpoint_url)
+    monkeypatch.delenv("TUNELOOP_DVC_REMOTE")
+    return shared
+
+
+def in_remote(env: Environment, md5: str) -> bool:
+    """Whether DVC's remote (a folder, or S3) holds the object with this md5."""
+    key = f"files/md5/{md5[:2]}/{md5[2:]}"
+    if not env.dvc_remote_url.startswith("s3://"):
+        return (Path(env.dvc_remote_url) / key).exists()
+    import boto3
+
+    bucket, _, prefix = env.dvc_remote_url.removeprefix("s3://").partition("/")
+    listed = boto3.client("s3", endpoint_url=env.s3_endpoint_url).list_objects_v2(
+        Bucket=bucket, Prefix=f"{prefix}/{key}"
+    )
+    return listed["KeyCount"] == 1
+
+
 @pytest.mark.slow
-def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project, tiny_base, prefect_server):
+def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(
+    project, stores, tiny_base, prefect_server
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -90,7 +125,16 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     configure(project)
     params = load_params(project / "params.yaml")
     env = Environment.from_env(project)
-    init_project(project, project / "data/sample/intents.csv", Path(params.data.raw_path), env.dvc_remote_url)
+    if stores is not None:
+        assert env.inference_log_url == stores.inference_log_url
+        assert env.dvc_remote_url == stores.dvc_remote_url
+    init_project(
+        project,
+        project / "data/sample/intents.csv",
+        Path(params.data.raw_path),
+        env.dvc_remote_url,
+        remote_endpoint_url=env.s3_endpoint_url,
+    )
     md5_before = tracked_md5(project / RAW_POINTER)
     raw_rows_before = len(pd.read_csv(project / params.data.raw_path))
     prepared = project / "data/prepared"
@@ -124,7 +168,7 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(project
     assert set(raw_after["channel"].iloc[raw_rows_before:]) == {params.monitoring.feedback_group_value}
     md5_after = tracked_md5(project / RAW_POINTER)
     assert md5_after == appended["md5"] != md5_before
-    assert (Path(env.dvc_remote_url) / "files/md5" / md5_after[:2] / md5_after[2:]).exists()
+    assert in_remote(env, md5_after)
     # The pointer, and only it, is committed; the training is started on that commit.
     data_commit = appended["data_commit"]
     assert data_commit == git(project, "rev-parse", "HEAD").strip()
