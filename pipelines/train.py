@@ -2,23 +2,35 @@
 
 Writes the adapter, tokenizer, label map and a manifest to ``models/adapter`` and opens the MLflow
 run of this pipeline execution (its id goes into the manifest; `evaluate` adds to the same run).
+
+With ``train.processes > 1`` the stage starts that many data-parallel processes with torchrun
+(DDP: gloo on CPU, NCCL on CUDA); under a launcher that already started them (torchrun, accelerate
+launch) it runs as its rank. Only rank 0 logs, writes files and talks to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import torch
+import torch.distributed as dist
+from accelerate import PartialState
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import (
     AutoTokenizer,
@@ -35,11 +47,12 @@ from evaluation.quality import headline_metrics
 from serving.inference import (
     LABELS_FILE,
     MANIFEST_FILE,
+    DeviceChoice,
     load_base_classifier,
     resolve_base_model,
     select_device,
 )
-from tuneloop.config import Environment, ModelParams, TrainParams, load_params
+from tuneloop.config import Environment, ModelParams, Params, TrainParams, load_params
 from tuneloop.io import read_json, write_json
 from tuneloop.paths import ADAPTER_DIR, PREPARED_DIR, TRAIN_METRICS, TRAINING_HISTORY
 from tuneloop.tracking import flatten, git_commit, use_experiment
@@ -76,12 +89,83 @@ class TrainResult:
     device: str
     trainable_parameters: int
     total_parameters: int
+    # Data-parallel processes that trained together, and their torch.distributed backend (None: one).
+    processes: int = 1
+    ddp_backend: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def examples_per_second(self) -> float:
-        """Training-loop throughput: examples seen per second of optimisation, validation excluded."""
+        """Training-loop throughput: examples seen per second of optimisation, validation excluded.
+
+        Every process counts the whole training set and the loop time is rank 0's, so with several
+        processes this is the total across them.
+        """
         return self.train_examples * self.epochs_run / max(self.loop_seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel training processes."""
+
+    world_size: int
+    rank: int
+    # "gloo" or "nccl" when several processes train together; None for one process.
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_processes(device: DeviceChoice) -> Ranks:
+    """Join the process group a launcher (torchrun, accelerate launch) set up; one process without one.
+
+    accelerate's ``PartialState`` reads the launcher's variables and initialises torch.distributed:
+    gloo on CPU, NCCL on CUDA. The ``Trainer`` later finds that group and trains with DDP in it.
+    """
+    state = PartialState(cpu=device.device.type == "cpu")
+    if state.num_processes == 1:
+        return Ranks(world_size=1, rank=0, backend=None)
+    backend = dist.get_backend() if dist.is_initialized() else state.backend
+    return Ranks(world_size=state.num_processes, rank=state.process_index, backend=str(backend))
+
+
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Each process's share of the global ``train.batch_size``; refuses a batch that does not split evenly.
+
+    An uneven split would change the effective batch (and so the optimisation) with the process count.
+    """
+    if processes < 1:
+        raise ValueError(f"train.processes must be at least 1, not {processes}")
+    if batch_size % processes:
+        raise ValueError(
+            f"train.batch_size {batch_size} is the global batch and must split evenly over "
+            f"{processes} processes; choose a multiple of {processes}"
+        )
+    return batch_size // processes
+
+
+@contextmanager
+def _checkpoint_dir(ranks: Ranks) -> Iterator[str]:
+    """A temporary folder for the Trainer's checkpoints, the same one on every rank.
+
+    Rank 0 saves the checkpoints and every rank loads the best one at the end, so they must share a
+    folder: rank 0 makes it and sends its name to the others; it is removed once all are done with it.
+    """
+    if ranks.world_size == 1:
+        with tempfile.TemporaryDirectory(prefix="tuneloop-ckpt-") as folder:
+            yield folder
+        return
+    names = [tempfile.mkdtemp(prefix="tuneloop-ckpt-") if ranks.is_main else None]
+    dist.broadcast_object_list(names, src=0)
+    folder = str(names[0])
+    try:
+        yield folder
+        dist.barrier()
+    finally:
+        if ranks.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class _EpochRecorder(TrainerCallback):
@@ -167,6 +251,20 @@ def train(
     started = time.perf_counter()
     set_seed(params.seed)
     device = select_device(params.device)
+    ranks = join_processes(device)
+    if params.processes > 1 and ranks.world_size == 1:
+        raise ValueError(
+            f"train.processes is {params.processes} but this process was not started by a launcher: run "
+            "`python -m pipelines.train` (it starts the processes) or torchrun / accelerate launch"
+        )
+    if ranks.world_size != params.processes and ranks.is_main:
+        log.warning(
+            "train.processes is %d but the launcher started %d processes: training with %d",
+            params.processes,
+            ranks.world_size,
+            ranks.world_size,
+        )
+    batch_per_process = per_process_batch(params.batch_size, ranks.world_size)
     if params.max_train_examples:
         train_frame = train_frame.sample(
             n=min(params.max_train_examples, len(train_frame)), random_state=params.seed
@@ -184,11 +282,13 @@ def train(
     peft_model = get_peft_model(classifier, lora)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
-        "LoRA: %d trainable of %d parameters (%.2f%%) on %s",
+        "LoRA: %d trainable of %d parameters (%.2f%%) on %s, %d process(es) of %d examples per step",
         trainable,
         total,
         100 * trainable / total,
         device.name,
+        ranks.world_size,
+        batch_per_process,
     )
 
     train_data = EncodedTexts(
@@ -198,11 +298,11 @@ def train(
         val_frame["text"].tolist(), to_ids(val_frame["label"], label_names), tokenizer, params.max_length
     )
     recorder = _EpochRecorder(on_epoch)
-    with tempfile.TemporaryDirectory(prefix="tuneloop-ckpt-") as checkpoints:
+    with _checkpoint_dir(ranks) as checkpoints:
         arguments = TrainingArguments(
             output_dir=checkpoints,
             num_train_epochs=params.epochs,
-            per_device_train_batch_size=params.batch_size,
+            per_device_train_batch_size=batch_per_process,
             per_device_eval_batch_size=params.eval_batch_size,
             learning_rate=params.learning_rate,
             lr_scheduler_type=params.lr_scheduler,
@@ -221,6 +321,17 @@ def train(
             use_cpu=device.device.type == "cpu",
             report_to="none",
             dataloader_num_workers=0,
+            # None for one process: a backend named without a process group is refused by accelerate.
+            ddp_backend=ranks.backend,
+            # The Trainer multiplies the loss by the process count when the model's forward takes
+            # **kwargs, expecting a loss summed over the global token count; sequence classifiers
+            # (BertForSequenceClassification) ignore that count and return a mean, so with the default
+            # every gradient would be `processes` times too large. DDP's gradient mean is right as it is.
+            # With one process the factor is 1, so this changes nothing there.
+            average_tokens_across_devices=False,
+            # Every trainable parameter (LoRA matrices, head) takes part in every forward pass: DDP need not
+            # search the graph for unused ones each step, and if one were unused DDP would say so.
+            ddp_find_unused_parameters=False,
         )
         trainer = Trainer(
             model=peft_model,
@@ -246,17 +357,19 @@ def train(
             ),
             None,
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
         # With load_best_model_at_end the trainer holds the best epoch's adapter weights.
         trained = trainer.model
         if not isinstance(trained, PeftModel):
             raise TypeError(f"the trainer holds a {type(trained).__name__}, not the PEFT model it was given")
-        trained.save_pretrained(str(out_dir))
-        tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / LABELS_FILE, list(label_names))
-    write_json(out_dir / MANIFEST_FILE, {"base_model": model.base, "max_length": params.max_length})
+        if ranks.is_main:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+            trained.save_pretrained(str(out_dir))
+            tokenizer.save_pretrained(out_dir)
+            write_json(out_dir / LABELS_FILE, list(label_names))
+            write_json(out_dir / MANIFEST_FILE, {"base_model": model.base, "max_length": params.max_length})
+        # Leaving the block waits for every rank, so each returns with the adapter on disk.
     return TrainResult(
         history=recorder.history,
         best_epoch=best_epoch,
@@ -267,6 +380,8 @@ def train(
         device=device.name,
         trainable_parameters=int(trainable),
         total_parameters=int(total),
+        processes=ranks.world_size,
+        ddp_backend=ranks.backend,
     )
 
 
@@ -281,19 +396,99 @@ def train_metrics(result: TrainResult) -> dict[str, float]:
         "train/best_val_accuracy": best["val_accuracy"],
         "train/best_val_macro_f1": best["val_macro_f1"],
         "train/trainable_parameters": result.trainable_parameters,
+        "train/processes": result.processes,
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
-    parser.add_argument("--out-dir", default=str(ADAPTER_DIR))
-    parser.add_argument("--metrics-path", default=str(TRAIN_METRICS))
-    parser.add_argument("--history-path", default=str(TRAINING_HISTORY))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+def launch_command(python: str, processes: int, master_port: int, stage_args: Sequence[str]) -> list[str]:
+    """torchrun starting ``processes`` ranks of this stage on this machine, meeting on loopback only.
+
+    ``python -m torch.distributed.run`` is torchrun from the same interpreter, so the ranks run in the
+    stage's own virtualenv whatever is first on PATH.
+    """
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(processes),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(master_port),
+        "-m",
+        "pipelines.train",
+        *stage_args,
+    ]
+
+
+def launch_environment(processes: int, cpus: int, loopback_interface: str | None) -> dict[str, str]:
+    """What the ranks need beyond the caller's environment.
+
+    The CPU threads are split between the ranks (torchrun's default is one thread each), and gloo is
+    bound to the loopback interface: by default it takes the address the host name resolves to, which
+    may face the network.
+    """
+    environment = {"OMP_NUM_THREADS": str(max(1, cpus // processes))}
+    if loopback_interface:
+        environment["GLOO_SOCKET_IFNAME"] = loopback_interface
+    return environment
+
+
+def loopback_interface() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux), None if none does."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for the ranks' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def launch_and_wait(params: TrainParams, device: DeviceChoice, stage_args: Sequence[str]) -> int:
+    """Run this stage as ``params.processes`` data-parallel ranks and wait; their exit status.
+
+    Settings the ranks would refuse are refused here, before any process starts.
+    """
+    per_process_batch(params.batch_size, params.processes)
+    if device.device.type == "cuda" and torch.cuda.device_count() < params.processes:
+        raise ValueError(
+            f"train.processes is {params.processes} but torch sees {torch.cuda.device_count()} CUDA "
+            "device(s): NCCL needs one device per process"
+        )
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    command = launch_command(sys.executable, params.processes, free_port(), stage_args)
+    # The ranks inherit this process's environment; a variable the caller set wins over ours.
+    environment = {**launch_environment(params.processes, cpus, loopback_interface()), **os.environ}
+    log.info("starting %d training processes: %s", params.processes, " ".join(command))
+    status = subprocess.run(command, env=environment, check=False).returncode
+    if status != 0:
+        log.error(
+            "train: the %d training processes failed (torchrun exit status %d); torchrun's summary "
+            "above names the failed rank and its error",
+            params.processes,
+            status,
+        )
+    return status
+
+
+def _read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
+    return (
+        pd.read_parquet(prepared / "train.parquet"),
+        pd.read_parquet(prepared / "val.parquet"),
+        tuple(read_json(prepared / "labels.json")),
+    )
+
+
+def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) -> None:
+    """Rank 0's part (the only one for a single process): train, and write MLflow and the outputs."""
     env = Environment.from_env()
     prepared = Path(args.prepared_dir)
     meta = read_json(prepared / "meta.json")
@@ -305,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tuneloop.data_md5": meta["source_md5"],
                 "tuneloop.data_path": meta["source_path"],
                 "tuneloop.base_model": params.model.base,
+                "tuneloop.processes": ranks.world_size,
+                "tuneloop.ddp_backend": ranks.backend or "none",
             }
         )
         mlflow.log_params(
@@ -327,9 +524,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         result = train(
-            pd.read_parquet(prepared / "train.parquet"),
-            pd.read_parquet(prepared / "val.parquet"),
-            tuple(read_json(prepared / "labels.json")),
+            *_read_prepared(prepared),
             params.model,
             params.train,
             Path(args.out_dir),
@@ -345,12 +540,47 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.history_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history).to_csv(args.history_path, index=False)
     log.info(
-        "trained in %.1fs (%.1f examples/s in the loop); best epoch %s: %s",
+        "trained in %.1fs (%.1f examples/s in the loop, %d process(es)); best epoch %s: %s",
         result.total_seconds,
         result.examples_per_second,
+        result.processes,
         result.best_epoch,
         metrics,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
+    parser.add_argument("--out-dir", default=str(ADAPTER_DIR))
+    parser.add_argument("--metrics-path", default=str(TRAIN_METRICS))
+    parser.add_argument("--history-path", default=str(TRAINING_HISTORY))
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    device = select_device(params.train.device)
+    ranks = join_processes(device)
+    rank_label = f" [rank {ranks.rank}]" if ranks.world_size > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if ranks.is_main else logging.WARNING,
+        format=f"%(levelname)s{rank_label} %(name)s: %(message)s",
+    )
+    if ranks.world_size == 1 and params.train.processes > 1:
+        status = launch_and_wait(params.train, device, sys.argv[1:] if argv is None else argv)
+        if status != 0:
+            sys.exit(status)
+        return
+    try:
+        if ranks.is_main:
+            _train_and_record(args, params, ranks)
+        else:
+            train(*_read_prepared(Path(args.prepared_dir)), params.model, params.train, Path(args.out_dir))
+        if ranks.world_size > 1:
+            # The other ranks stay until rank 0 has written its outputs and closed its MLflow run.
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
