@@ -67,8 +67,8 @@ def apply_params_overrides(project_dir: str, overrides: dict) -> dict:
 
 
 @task(name="pull-data")
-def pull_data(project_dir: str, data_rev: str | None) -> list[str]:
-    return commands.pull_data(Path(project_dir), get_run_logger(), data_rev)
+def pull_data(project_dir: str, data_rev: str | None, data_pointers: dict[str, str] | None) -> list[str]:
+    return commands.pull_data(Path(project_dir), get_run_logger(), data_rev, data_pointers)
 
 
 @task(name="dvc-stage")
@@ -140,6 +140,7 @@ def continuous_training(
     params_overrides: dict | None = None,
     reason: str = "manual",
     project_dir: str | None = None,
+    data_pointers: dict[str, str] | None = None,
 ) -> dict:
     """Pull data (at ``data_rev``), run prepare → validate → train → evaluate, push, register.
 
@@ -149,6 +150,9 @@ def continuous_training(
         params_overrides: nested params.yaml values to set first (persisted, as `dvc exp run -S` does).
         reason: why this run started ("schedule", "drift", "manual"); shown in the summary.
         project_dir: the project folder; default the working directory (the deployment's).
+        data_pointers: `.dvc` pointer files by path and content, written before the pull; they win over
+            ``data_rev`` (kept as the version's name). The drift job sends them, so that a run in a
+            fresh pod, whose checkout lacks the drift job's commit, trains on that data version too.
     """
     started = time.monotonic()
     logger = get_run_logger()
@@ -166,7 +170,7 @@ def continuous_training(
         }
         if params_overrides:
             apply_params_overrides(project, params_overrides)
-        pointers = pull_data.with_options(**io_retries)(project, data_rev)
+        pointers = pull_data.with_options(**io_retries)(project, data_rev, data_pointers)
         stages = {}
         for stage in commands.STAGES:
             limit = settings.train_timeout_s if stage == "train" else settings.stage_timeout_s

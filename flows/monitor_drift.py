@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from monitoring import monitor
 from tuneloop.config import Environment
+from tuneloop.datastore import pointer_of
 from tuneloop.paths import PREPARED_DIR
 
 TRAINING_DEPLOYMENT = "continuous-training/nightly"
@@ -48,11 +49,15 @@ def check_drift(
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 90])
-def trigger_training(reasons: list[str], data_rev: str | None) -> str:
+def trigger_training(
+    reasons: list[str], data_rev: str | None, data_pointers: dict[str, str] | None = None
+) -> str:
     """Start the training deployment and return its flow-run id (``timeout=0``: do not wait).
 
     ``data_rev``: the commit of the appended data version (the run trains on exactly that version),
-    None when nothing was committed (the run trains on the work tree's pointers).
+    None when nothing was committed (the run trains on the work tree's pointers). ``data_pointers``:
+    that version's `.dvc` pointer by path and content, so that a run on another machine or pod, whose
+    checkout lacks the commit, pulls the same data from the shared remote.
     Retried: by now the feedback is appended and the cool-down started. Should every attempt fail,
     the flow run fails (visible in Prefect) and the committed data version still reaches the next
     scheduled training.
@@ -60,7 +65,10 @@ def trigger_training(reasons: list[str], data_rev: str | None) -> str:
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    run = run_deployment(TRAINING_DEPLOYMENT, parameters={"reason": "drift", "data_rev": data_rev}, timeout=0)
+    parameters: dict[str, Any] = {"reason": "drift", "data_rev": data_rev}
+    if data_pointers:
+        parameters["data_pointers"] = data_pointers
+    run = run_deployment(TRAINING_DEPLOYMENT, parameters=parameters, timeout=0)
     if not isinstance(run, FlowRun):  # only an async caller gets a coroutine; this task is synchronous
         raise TypeError(f"run_deployment returned {type(run).__name__}, expected a FlowRun")
     get_run_logger().info(
@@ -137,7 +145,8 @@ def monitor_drift(
         trigger: start the training deployment on a retrain decision.
     """
     logger = get_run_logger()
-    outcome = check_drift(Environment.from_env(), params_path, prepared_dir, model_uri, adapter_dir, append)
+    env = Environment.from_env()
+    outcome = check_drift(env, params_path, prepared_dir, model_uri, adapter_dir, append)
     if isinstance(outcome, monitor.NotEnoughTraffic):
         return outcome.as_dict()
     decision = outcome.decision
@@ -154,6 +163,10 @@ def monitor_drift(
     if appended is not None and data_commit:
         logger.info("data version committed: %s on %s", data_commit, appended.data_branch)
     if decision.retrain and trigger:
-        result["training_flow_run_id"] = trigger_training(list(decision.reasons), data_commit)
+        pointers = None
+        if appended is not None and data_commit:
+            pointer = pointer_of(appended.raw_path).resolve()
+            pointers = {str(pointer.relative_to(env.project_dir)): pointer.read_text(encoding="utf-8")}
+        result["training_flow_run_id"] = trigger_training(list(decision.reasons), data_commit, pointers)
         result["training_data_rev"] = data_commit
     return result

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 STAGES = ("prepare", "validate", "train", "evaluate")
 
@@ -136,15 +137,48 @@ def resolve_rev(project_dir: Path, rev: str) -> str:
     return result.stdout.strip()
 
 
+def write_pointers(project_dir: Path, pointers: dict[str, str]) -> list[str]:
+    """Write `.dvc` pointer files given by content (path relative to the project -> YAML text).
+
+    How a data version travels to a machine or pod whose git work tree lacks the commit that made it
+    (a drift job's append): the pointer names the data by md5 and the data is in the shared remote.
+    Each path must be a `.dvc` file inside the project, each text a pointer with an md5, or nothing is
+    written.
+    """
+    root = project_dir.resolve()
+    checked = {}
+    for name, text in pointers.items():
+        target = (root / name).resolve()
+        if not name.endswith(".dvc") or not target.is_relative_to(root) or name.startswith(".dvc/"):
+            raise ValueError(f"data pointer {name!r} is not a .dvc file inside {root}")
+        outs = (yaml.safe_load(text) or {}).get("outs") if text.strip() else None
+        if not outs or not all(isinstance(out, dict) and out.get("md5") for out in outs):
+            raise ValueError(f"data pointer {name!r} names no output with an md5")
+        checked[target] = text
+    for target, text in checked.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return sorted(str(target.relative_to(root)) for target in checked)
+
+
 def pull_data(
-    project_dir: Path, logger: logging.Logger | logging.LoggerAdapter, rev: str | None = None
+    project_dir: Path,
+    logger: logging.Logger | logging.LoggerAdapter,
+    rev: str | None = None,
+    pointer_files: dict[str, str] | None = None,
 ) -> list[str]:
     """Bring the input data (the `.dvc` pointers' outputs) into the work tree from the DVC remote.
 
-    With ``rev``, the pointer files are first restored from that commit (`git checkout <rev> -- *.dvc`),
-    so the run trains on that data version; they stay changed in the work tree, visible in `git status`.
-    Returns the pointer files pulled.
+    With ``pointer_files`` (path -> content), those pointer files are written first and pulled: the data
+    version they name, wherever this runs. Else with ``rev``, the pointer files are restored from that
+    commit (`git checkout <rev> -- *.dvc`), so the run trains on that data version; they stay changed
+    in the work tree, visible in `git status`. Returns the pointer files pulled.
     """
+    if pointer_files:
+        written = write_pointers(project_dir, pointer_files)
+        logger.info("data version given by its pointers: %s", ", ".join(written))
+        run_logged(dvc("pull", *written), project_dir, logger)
+        return written
     if rev is not None:
         commit = resolve_rev(project_dir, rev)
         pointers = data_pointers(project_dir, commit)

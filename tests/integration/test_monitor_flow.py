@@ -180,7 +180,12 @@ def test_flow_detects_appends_versions_logs_alerts_and_triggers_training(
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(result["training_flow_run_id"])
-        assert run.parameters == {"reason": "drift", "data_rev": data_commit}
+        # The pointer travels with the run: a worker in another pod lacks the commit, not the data.
+        assert run.parameters == {
+            "reason": "drift",
+            "data_rev": data_commit,
+            "data_pointers": {RAW_POINTER: (project / RAW_POINTER).read_text()},
+        }
         alerts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ALERT_ARTIFACT_KEY]))
         )

@@ -91,3 +91,23 @@ def test_tuneloops_own_remote_follows_the_stores_and_a_users_remote_is_kept(tmp_
         config["core"]["remote"] = "team"
     (tmp_path / ".dvc/config.local").unlink()
     assert ensure_default_remote(tmp_path, "s3://ml-bucket/team/dvc") == ("team", "s3://their-bucket/dvc")
+
+
+def test_a_data_version_travels_as_its_pointer_and_bad_pointers_write_nothing(tmp_path) -> None:
+    from tuneloop.commands import write_pointers
+
+    pointer = "outs:\n- md5: 0123456789abcdef0123456789abcdef\n  size: 10\n  path: intents.csv\n"
+    assert write_pointers(tmp_path, {"data/raw/intents.csv.dvc": pointer}) == ["data/raw/intents.csv.dvc"]
+    assert (tmp_path / "data/raw/intents.csv.dvc").read_text() == pointer
+    for bad in (
+        {"../outside.csv.dvc": pointer},
+        {"data/raw/intents.csv": pointer},
+        {".dvc/config.dvc": pointer},
+        {"data/raw/other.csv.dvc": "outs:\n- path: other.csv\n"},
+        {"data/raw/ok.csv.dvc": pointer, "data/raw/empty.csv.dvc": ""},
+    ):
+        with pytest.raises(ValueError, match="data pointer"):
+            write_pointers(tmp_path, bad)
+    assert (
+        not (tmp_path / "data/raw/ok.csv.dvc").exists() and not (tmp_path.parent / "outside.csv.dvc").exists()
+    )
