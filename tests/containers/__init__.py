@@ -1,0 +1,1 @@
+"""The container images of deploy/docker/, built and run with podman."""
