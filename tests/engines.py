@@ -11,24 +11,13 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flows.stack import wait_ready
 from tuneloop.local_engines import LocalPostgres, LocalS3, free_port, postgres_bin_dir
-
-
-def _wait_until(ready: Callable[[], bool], process: subprocess.Popen, name: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode} while starting")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{name} was not ready within {seconds:.0f} s")
 
 
 def _stop(process: subprocess.Popen, stop_signal: int) -> None:
@@ -61,7 +50,7 @@ def running_postgres() -> Iterator[LocalPostgres]:
     log = open(folder / "server.log", "ab")  # noqa: SIM115 - the server keeps it open
     process = subprocess.Popen(server.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_until(server.is_ready, process, "PostgreSQL", 30)
+        wait_ready("PostgreSQL", process, server.is_ready, 30)
         yield server
     finally:
         _stop(process, signal.SIGINT)
@@ -76,7 +65,7 @@ def running_s3() -> Iterator[LocalS3]:
         server.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        _wait_until(server.is_ready, process, "moto S3 server", 30)
+        wait_ready("moto S3 server", process, server.is_ready, 30)
         yield server
     finally:
         _stop(process, signal.SIGTERM)
