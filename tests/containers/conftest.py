@@ -1,5 +1,5 @@
 """Fixtures of the container tests: podman on a cached store, the two images built, a host MLflow server
-on the session's S3 endpoint, and the measurements written to benchmarks/results/containers.json."""
+on the session's S3 endpoint, and the measurements written outside the work tree (see `measurements`)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from tests.containers.podman import (
     missing_tools,
     unmount_below,
 )
-from tests.support import REPO_ROOT, venv_env, wait_for
+from tests.support import venv_env, wait_for
 
-RESULTS = REPO_ROOT / "benchmarks/results/containers.json"
 WORKER_IMAGE = "ghcr.io/tuneloop/tuneloop-worker:test"
 SERVING_IMAGE = "ghcr.io/tuneloop/tuneloop-serving:test"
 # One bucket on the session's moto server: MLflow's artifacts and the worker image's DVC remote.
@@ -67,12 +66,15 @@ def _prune_other_caches(keep: Path) -> None:
 
 @pytest.fixture(scope="session")
 def measurements():
-    """What the session measured; merged into benchmarks/results/containers.json under its cache state."""
+    """What the session measured, merged under its cache state into $TUNELOOP_CONTAINER_RESULTS
+    (e.g. benchmarks/results/containers.json, to refresh the committed numbers), else into the cache."""
     recorded: dict = {}
     yield recorded
     if "images" not in recorded:
         return
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    target = os.environ.get("TUNELOOP_CONTAINER_RESULTS")
+    results_path = Path(target) if target else cache_root() / "containers.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.update(
         {
             "what": "tests/containers/test_images.py: build both images with podman, serve a prediction, "
@@ -82,7 +84,8 @@ def measurements():
     )
     recorded["recorded_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results.setdefault("runs", {})[recorded.pop("cache")] = recorded
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ Both are built on an offline Debian base (no registry is reachable here). The se
 prediction through its gateway for a model it downloads from the host's MLflow server (artifacts on the
 session's S3 endpoint); the worker image runs the continuous-training flow, whose data comes from and
 goes to a DVC remote in that S3 bucket, and registers a version that becomes `dev` on the host's
-registry. Timings go to benchmarks/results/containers.json.
+registry. Timings go to $TUNELOOP_CONTAINER_RESULTS (benchmarks/results/containers.json when refreshing
+the committed numbers), else beside the image cache.
 """
 
 from __future__ import annotations
