@@ -87,8 +87,10 @@ def push_outputs(project_dir: str) -> None:
 def register(project_dir: str) -> dict:
     """Register the trained adapter (`registry.register.register_workspace`), once per training run."""
     project = Path(project_dir)
-    use_experiment(Environment.from_env(project))
-    outcome = register_workspace(project, load_params(project / "params.yaml"), MlflowClient())
+    env = Environment.from_env(project)
+    use_experiment(env)
+    client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
+    outcome = register_workspace(project, load_params(project / "params.yaml"), client)
     return asdict(outcome)
 
 

@@ -267,7 +267,13 @@ def test_drift_appends_commits_and_retrains_to_a_clean_dev_version(loop_env, tin
         # 5. the runner executes the triggered run: v2 trained on the appended data, registered, `dev`.
         run = wait_for_flow_run(result["training_flow_run_id"], TRAINING_DEADLINE_S)
         mark(f"triggered training finished: {run.state.name}")
-        assert run.parameters == {"project_dir": str(project), "reason": "drift", "data_rev": data_commit}
+        # The data version travels as its pointer too: a worker elsewhere lacks the commit, not the data.
+        assert run.parameters == {
+            "project_dir": str(project),
+            "reason": "drift",
+            "data_rev": data_commit,
+            "data_pointers": {RAW_POINTER: git(project, "show", f"{data_commit}:{RAW_POINTER}")},
+        }
         assert run.state.is_completed(), run.state.message
         training = run.state.result()
 

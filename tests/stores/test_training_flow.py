@@ -144,7 +144,7 @@ def test_a_training_flow_pulls_from_s3_and_registers_to_dev_on_postgres(shared_s
     assert registration["promoted_to_dev"], registration
     client = MlflowClient(shared_stack["tracking_uri"])
     dev = client.get_model_version_by_alias(registration["name"], "dev")
-    assert dev.version == registration["version"]
+    assert str(dev.version) == registration["version"]
     # The model's files went through the server's proxy into S3; the stage outputs into the DVC remote.
     artifacts = s3_keys(stores, "mlartifacts")
     assert any(key.endswith("/MLmodel") for key in artifacts)
