@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from benchmarks.banking77 import DEFAULT_DATA_DIR
-from pipelines.train import launch_environment
+from pipelines.train import launch_environment, stage_command
 from serving.inference import select_device
 from tuneloop.config import load_params
 from tuneloop.paths import SAMPLE_DATA
@@ -98,21 +98,7 @@ def write_params(source: Path, target: Path, processes: int, epochs: int) -> Non
 def run_stage(work: Path, params: Path, name: str, extra_env: dict[str, str]) -> dict:
     """One run of ``python -m pipelines.train``: its train metrics plus the wall time of the whole stage."""
     out = work / name
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.train",
-        "--params",
-        str(params),
-        "--prepared-dir",
-        str(work / "prepared"),
-        "--out-dir",
-        str(out / "adapter"),
-        "--metrics-path",
-        str(out / "metrics.json"),
-        "--history-path",
-        str(out / "history.csv"),
-    ]
+    command = stage_command(sys.executable, params, work / "prepared", out)
     # A throwaway MLflow store: benchmark runs are not experiments of the project.
     env = {
         **os.environ,

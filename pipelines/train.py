@@ -400,6 +400,25 @@ def train_metrics(result: TrainResult) -> dict[str, float]:
     }
 
 
+def stage_command(python: str, params: Path, prepared: Path, out: Path) -> list[str]:
+    """The `train` stage's command line writing everything under ``out`` (benchmarks and tests run it)."""
+    return [
+        python,
+        "-m",
+        "pipelines.train",
+        "--params",
+        str(params),
+        "--prepared-dir",
+        str(prepared),
+        "--out-dir",
+        str(out / "adapter"),
+        "--metrics-path",
+        str(out / "metrics.json"),
+        "--history-path",
+        str(out / "history.csv"),
+    ]
+
+
 def launch_command(python: str, processes: int, master_port: int, stage_args: Sequence[str]) -> list[str]:
     """torchrun starting ``processes`` ranks of this stage on this machine, meeting on loopback only.
 

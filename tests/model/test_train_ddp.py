@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import train as train_stage
-from pipelines.train import launch_command, launch_environment, main, per_process_batch, train
+from pipelines.train import launch_command, launch_environment, main, per_process_batch, stage_command, train
 from serving.inference import IntentClassifier, select_device
 from tests.support import REPO_ROOT, build_tiny_base, settings, venv_env
 from tuneloop.config import ModelParams
@@ -80,21 +80,7 @@ StageRun = tuple[subprocess.CompletedProcess, Path]
 def run_stage(work: Path, params: Path, prepared: Path, name: str) -> StageRun:
     """`python -m pipelines.train` in ``work`` (no git repo), into its own experiment of a SQLite store."""
     out = work / name
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.train",
-        "--params",
-        str(params),
-        "--prepared-dir",
-        str(prepared),
-        "--out-dir",
-        str(out / "adapter"),
-        "--metrics-path",
-        str(out / "metrics.json"),
-        "--history-path",
-        str(out / "history.csv"),
-    ]
+    command = stage_command(sys.executable, params, prepared, out)
     env = venv_env(
         MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
         TUNELOOP_HOME=str(work / "home"),
