@@ -102,11 +102,15 @@ def registry_predictor(model_uri: str, tracking_uri: str) -> Predictor:
     """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``) in that registry."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
+    # Downloaded with this registry named, never through mlflow.set_registry_uri: that is process-global
+    # and exported to every child process, so a later step would register in this registry.
+    download = tempfile.TemporaryDirectory(prefix="tuneloop-monitor-model-")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=download.name, tracking_uri=tracking_uri, registry_uri=tracking_uri
+    )
+    model = mlflow.pyfunc.load_model(local)
 
-    def predict(texts: Sequence[str]) -> pd.DataFrame:
+    def predict(texts: Sequence[str], _keep=download) -> pd.DataFrame:
         return model.predict(pd.DataFrame({"text": list(texts)}))[["label", "score"]]
 
     return predict

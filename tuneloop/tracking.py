@@ -45,8 +45,6 @@ def use_experiment(env: Environment) -> str:
     """
     env.home_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(env.tracking_uri)
-    # The registry too: a registry URI another step set earlier in this process would otherwise win.
-    mlflow.set_registry_uri(env.tracking_uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(env.experiment_name)
     if experiment is None:

@@ -8,6 +8,7 @@ project and run in order: a full run first, then runs that find the DVC cache wa
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -50,6 +51,9 @@ def test_a_full_run_ends_with_a_new_dev_version(flow_project, prefect_harness):
     assert summary["stages"] == {"prepare": True, "validate": True, "train": True, "evaluate": True}
     registration = summary["registration"]
     assert registration["new_version"] and registration["promoted_to_dev"]
+    # Nothing process-global names a registry: a later flow or child process registers where it tracks.
+    assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
     client = registry(flow_project)
     dev = client.get_model_version_by_alias(registration["name"], "dev")
     assert str(dev.version) == registration["version"] == "1"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import threading
 import time
 from pathlib import Path
@@ -144,6 +145,8 @@ def log_drifted_traffic(env: Environment, name: str, version: str, labels: tuple
 
     drifted = pd.read_csv(REPO_ROOT / "data/sample/drifted.csv").sample(n=200, random_state=0)
     predicted = registry_predictor(f"models:/{name}@prod", env.tracking_uri)(drifted["text"].tolist())
+    # Loading from a named registry leaves none behind for this process or its children.
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
     records, feedback = [], []
     for i, (text, label, score) in enumerate(
