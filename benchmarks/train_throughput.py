@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
 from benchmarks.banking77 import DEFAULT_DATA_DIR
-from pipelines.train import EncodedTexts, to_ids, train
-from serving.inference import load_base_classifier, resolve_base_model, select_device
+from pipelines.train import EncodedTexts, lora_config, to_ids, train
+from serving.inference import load_base_classifier, resolve_base_model, select_device, with_pad_token
 from tuneloop.config import load_params
 
 log = logging.getLogger("benchmarks.train_throughput")
@@ -50,17 +50,9 @@ def bare_loop(frame: pd.DataFrame, labels: tuple[str, ...], base: str, params) -
     """Plain torch + peft: the least a LoRA fine-tune has to do. Returns examples per second."""
     set_seed(params.seed)
     device = select_device(params.device)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base))
-    model = get_peft_model(
-        load_base_classifier(base, labels),
-        LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=params.lora_rank,
-            lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout,
-            target_modules=list(params.target_modules),
-        ),
-    ).to(device.device)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(resolve_base_model(base)))
+    classifier = load_base_classifier(base, labels, tokenizer.pad_token_id)
+    model = get_peft_model(classifier, lora_config(params, classifier)).to(device.device)
     data = EncodedTexts(frame["text"].tolist(), to_ids(frame["label"], labels), tokenizer, params.max_length)
     loader = DataLoader(
         data, batch_size=params.batch_size, shuffle=True, collate_fn=DataCollatorWithPadding(tokenizer)

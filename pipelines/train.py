@@ -32,10 +32,12 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
+    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -51,6 +53,7 @@ from serving.inference import (
     load_base_classifier,
     resolve_base_model,
     select_device,
+    with_pad_token,
 )
 from tuneloop.config import Environment, ModelParams, Params, TrainParams, load_params
 from tuneloop.io import read_json, write_json
@@ -227,6 +230,26 @@ def head_aware_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.o
     )
 
 
+def lora_config(params: TrainParams, base: PreTrainedModel) -> LoraConfig:
+    """LoRA on a sequence classifier; its head (`classifier` or `score`) is trained in full and saved.
+
+    ``auto`` leaves the choice of modules to peft's table of attention projections per architecture.
+    """
+    targets = None if params.target_modules == "auto" else params.target_modules
+    if targets is None and base.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        raise ValueError(
+            f"train.target_modules is `auto` but peft has no default modules for model type "
+            f"'{base.config.model_type}': name them, or use `all-linear`"
+        )
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=params.lora_rank,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+    )
+
+
 def to_ids(labels: pd.Series, label_names: tuple[str, ...]) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(labels) - set(index))
@@ -270,16 +293,9 @@ def train(
             n=min(params.max_train_examples, len(train_frame)), random_state=params.seed
         )
     base_path = resolve_base_model(model.base)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    classifier = load_base_classifier(model.base, label_names)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=params.lora_rank,
-        lora_alpha=params.lora_alpha,
-        lora_dropout=params.lora_dropout,
-        target_modules=list(params.target_modules),
-    )
-    peft_model = get_peft_model(classifier, lora)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(base_path))
+    classifier = load_base_classifier(model.base, label_names, tokenizer.pad_token_id)
+    peft_model = get_peft_model(classifier, lora_config(params, classifier))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
         "LoRA: %d trainable of %d parameters (%.2f%%) on %s, %d process(es) of %d examples per step",
@@ -332,6 +348,9 @@ def train(
             # Every trainable parameter (LoRA matrices, head) takes part in every forward pass: DDP need not
             # search the graph for unused ones each step, and if one were unused DDP would say so.
             ddp_find_unused_parameters=False,
+            activation_checkpointing=params.gradient_checkpointing,
+            # The reentrant variant needs inputs that require grad, which a frozen embedding does not give.
+            activation_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = Trainer(
             model=peft_model,

@@ -52,13 +52,35 @@ def select_device(preference: str = "auto") -> DeviceChoice:
     return DeviceChoice(torch.device("cpu"), bf16=False)
 
 
-def load_base_classifier(base: str, label_names: Sequence[str]) -> PreTrainedModel:
-    """The base encoder with a fresh classification head sized to ``label_names``."""
+def with_pad_token(tokenizer):
+    """``tokenizer``, able to pad a batch.
+
+    Decoder tokenizers (GPT-2, Llama, Mistral) often ship without a pad token; their end-of-sequence
+    token pads instead, which is what their own fine-tuning recipes do. The classifier reads the last
+    non-pad position, and the attention mask hides the padding, so the choice does not leak into scores.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the base model's tokenizer has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_classifier(
+    base: str, label_names: Sequence[str], pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """The base model (encoder or decoder) with a fresh classification head sized to ``label_names``.
+
+    Decoders (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``…) classify from the
+    last non-pad token, so they must know the pad id the tokenizer uses: ``pad_token_id``.
+    """
+    extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
     return AutoModelForSequenceClassification.from_pretrained(
         resolve_base_model(base),
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: index for index, name in enumerate(label_names)},
+        **extra,
     )
 
 
@@ -93,9 +115,9 @@ class IntentClassifier:
         adapter_dir = Path(adapter_dir)
         manifest = json.loads((adapter_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
         label_names = json.loads((adapter_dir / LABELS_FILE).read_text(encoding="utf-8"))
-        base_model = load_base_classifier(base or manifest["base_model"], label_names)
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
+        base_model = load_base_classifier(base or manifest["base_model"], label_names, tokenizer.pad_token_id)
         merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
         return cls(merged, tokenizer, label_names, manifest["max_length"], select_device(device))
 
     @torch.inference_mode()

@@ -56,6 +56,50 @@ def build_tiny_base(folder: Path, seed: int | None = None) -> Path:
     return folder
 
 
+DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+# `<|endoftext|>` is the pad token transformers' Qwen2 tokenizer class sets: it must be in the vocabulary.
+SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|endoftext|>"]
+
+
+def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 64-wide causal LM of ``architecture`` with its own byte-level BPE tokenizer.
+
+    No decoder tokenizer ships offline, so one is trained here on the sample's messages, shaped like
+    GPT-2's and Llama's: bytes never fall out of the vocabulary, BOS/EOS tokens and no pad token (Qwen2's
+    tokenizer class brings its own), which is what the classification and generation paths must cope with.
+    """
+    import pandas as pd
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    texts = pd.read_csv(REPO_ROOT / "data/sample/intents.csv")["text"].tolist()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=1000, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    if architecture == "gpt2":
+        shape = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
+    else:
+        shape |= {"num_key_value_heads": 2, "max_position_embeddings": 256}
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # Some configs default to their real vocabulary's pad id (Qwen2: 151643); this one has none.
+        pad_token_id=None,
+        **shape,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def venv_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell has after activating the virtualenv, plus ``extra``."""
     env = dict(os.environ)

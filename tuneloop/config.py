@@ -74,7 +74,9 @@ class TrainParams(_Frozen):
     lora_rank: int = Field(ge=1)
     lora_alpha: int = Field(ge=1)
     lora_dropout: float = Field(ge=0, lt=1)
-    target_modules: tuple[str, ...]
+    # Module names, or "auto" (the attention projections peft knows for the architecture: query/value
+    # for BERT, q_proj/v_proj for Llama and Qwen2, c_attn for GPT-2), or "all-linear".
+    target_modules: tuple[str, ...] | Literal["auto", "all-linear"]
     learning_rate: float = Field(gt=0)
     head_learning_rate: float = Field(gt=0)
     lr_scheduler: str
@@ -91,6 +93,8 @@ class TrainParams(_Frozen):
     # Data-parallel training processes (DDP: NCCL on GPUs, gloo on CPU); 1 = a single process.
     # batch_size stays the global batch: each process takes batch_size / processes examples per step.
     processes: int = Field(ge=1)
+    # Recompute activations in the backward pass: less memory for larger decoders, about a third slower.
+    gradient_checkpointing: bool
 
 
 class CounterfactualParams(_Frozen):
