@@ -196,8 +196,12 @@ class _EpochRecorder(TrainerCallback):
             "epoch": round(float(state.epoch or 0), 3),
             "train_loss": self._last_train_loss,
             "val_loss": float(metrics["eval_loss"]),
-            "val_accuracy": float(metrics["eval_accuracy"]),
-            "val_macro_f1": float(metrics["eval_macro_f1"]),
+            # Classifiers report accuracy and macro-F1 too; a generator's validation is its loss.
+            **{
+                f"val_{name}": float(metrics[f"eval_{name}"])
+                for name in ("accuracy", "macro_f1")
+                if f"eval_{name}" in metrics
+            },
         }
         self.history.append(row)
         if self.on_epoch:
@@ -230,8 +234,10 @@ def head_aware_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.o
     )
 
 
-def lora_config(params: TrainParams, base: PreTrainedModel) -> LoraConfig:
-    """LoRA on a sequence classifier; its head (`classifier` or `score`) is trained in full and saved.
+def lora_config(
+    params: TrainParams, base: PreTrainedModel, task_type: TaskType = TaskType.SEQ_CLS
+) -> LoraConfig:
+    """LoRA for ``task_type``; a classifier's head (`classifier` or `score`) is trained in full and saved.
 
     ``auto`` leaves the choice of modules to peft's table of attention projections per architecture.
     """
@@ -242,7 +248,7 @@ def lora_config(params: TrainParams, base: PreTrainedModel) -> LoraConfig:
             f"'{base.config.model_type}': name them, or use `all-linear`"
         )
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=params.lora_rank,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,

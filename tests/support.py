@@ -58,7 +58,12 @@ def build_tiny_base(folder: Path, seed: int | None = None) -> Path:
 
 DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 # `<|endoftext|>` is the pad token transformers' Qwen2 tokenizer class sets: it must be in the vocabulary.
-SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|endoftext|>"]
+SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's chat format (ChatML), so that one tiny decoder takes the chat-template path.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0) -> Path:
@@ -81,9 +86,17 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
     )
     shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
     if architecture == "gpt2":
-        shape = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
+        shape = {
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 512,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
     else:
-        shape |= {"num_key_value_heads": 2, "max_position_embeddings": 256}
+        shape |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
     config = AutoConfig.for_model(
         architecture,
         vocab_size=len(tokenizer),
@@ -91,11 +104,16 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
         eos_token_id=tokenizer.eos_token_id,
         # Some configs default to their real vocabulary's pad id (Qwen2: 151643); this one has none.
         pad_token_id=None,
+        # A random model's logits are bounded by its frozen output layer's scale (the final norm fixes the
+        # hidden size): at the usual 0.02 LoRA cannot make any token likely, as pre-training would have.
+        initializer_range=0.3,
         **shape,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if architecture == "qwen2":
+        tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
 

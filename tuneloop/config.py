@@ -95,6 +95,19 @@ class TrainParams(_Frozen):
     processes: int = Field(ge=1)
     # Recompute activations in the backward pass: less memory for larger decoders, about a third slower.
     gradient_checkpointing: bool
+    # "4bit": QLoRA (the frozen base in NF4 with bitsandbytes), CUDA only; "none" elsewhere.
+    quantization: Literal["none", "4bit"]
+
+
+class GenerationParams(_Frozen):
+    """Supervised fine-tuning of a causal LM on (message, target) pairs (`pipelines.sft`)."""
+
+    input_column: str
+    target_column: str
+    system_prompt: str = Field(min_length=1)
+    max_input_tokens: int = Field(ge=8)
+    max_target_tokens: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
 
 
 class CounterfactualParams(_Frozen):
@@ -287,6 +300,7 @@ class Params(_Frozen):
     validate_: ValidateParams = Field(alias="validate")
     model: ModelParams
     train: TrainParams
+    generation: GenerationParams
     evaluate: EvaluateParams
     model_gate: ModelGateParams
     registry: RegistryParams
