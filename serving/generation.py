@@ -84,6 +84,26 @@ def load_base_generator(
     return AutoModelForCausalLM.from_pretrained(resolve_base_model(base))
 
 
+def read_generation_manifest(folder: Path) -> dict:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if manifest.get("task") != GENERATION_TASK:
+        raise ValueError(f"{folder} holds a {manifest.get('task', 'classification')} adapter")
+    return manifest
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
+    """The adapter folded into its base, saved with the tokenizer and generation settings: a whole model
+    that loads with transformers alone, without peft or the base's location."""
+    manifest = read_generation_manifest(adapter_dir)
+    base_model = load_base_generator(base or manifest["base_model"])
+    merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out_dir))
+    (out_dir / MANIFEST_FILE).write_text(json.dumps({**manifest, "merged": True}, indent=2), encoding="utf-8")
+    return out_dir
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -114,14 +134,16 @@ class TextGenerator:
 
     @classmethod
     def load(cls, adapter_dir: str | Path, base: str | None = None, device: str = "auto") -> TextGenerator:
-        """Load an adapter folder written by `pipelines.sft`; ``base`` overrides the recorded one."""
+        """Load a folder written by `pipelines.sft` (adapter) or :func:`merge_adapter` (merged model);
+        ``base`` overrides the adapter's recorded base."""
         adapter_dir = Path(adapter_dir)
-        manifest = json.loads((adapter_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        if manifest.get("task") != GENERATION_TASK:
-            raise ValueError(f"{adapter_dir} holds a {manifest.get('task', 'classification')} adapter")
+        manifest = read_generation_manifest(adapter_dir)
         tokenizer = with_pad_token(AutoTokenizer.from_pretrained(str(adapter_dir)))
-        base_model = load_base_generator(base or manifest["base_model"])
-        merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+        if manifest.get("merged"):
+            merged = AutoModelForCausalLM.from_pretrained(str(adapter_dir))
+        else:
+            base_model = load_base_generator(base or manifest["base_model"])
+            merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
         return cls(
             merged,
             tokenizer,

@@ -230,13 +230,23 @@ def start_model_server(
     return ModelServer(version, model_uri, f"http://{host}:{port}", process, log_path)
 
 
+def warmup_body() -> dict:
+    """The warm-up request for either task: each model ignores the other's parameter (MLflow drops
+    parameters its signature does not name), and a generator writes one token, not a whole answer."""
+    body = invocation_body(WARMUP_TEXTS, top_k=1)
+    body["params"]["max_new_tokens"] = 1
+    return body
+
+
 def check_warmup_answer(payload: dict, expected_rows: int) -> None:
-    """A server is only ready when it returns one labelled prediction per warm-up text."""
+    """A server is only ready when it returns one prediction per warm-up text: a label, or generated text."""
     rows = payload.get("predictions")
     if not isinstance(rows, list) or len(rows) != expected_rows:
         raise ValueError(f"expected {expected_rows} predictions, got {str(payload)[:200]}")
-    if not all(isinstance(row, dict) and row.get("label") for row in rows):
-        raise ValueError(f"predictions without a label: {str(rows)[:200]}")
+    if not all(
+        isinstance(row, dict) and (row.get("label") or isinstance(row.get("generated"), str)) for row in rows
+    ):
+        raise ValueError(f"predictions without a label or generated text: {str(rows)[:200]}")
 
 
 def wait_until_ready(server: ModelServer, timeout_s: float, client: httpx.Client | None = None) -> float:
@@ -264,7 +274,7 @@ def wait_until_ready(server: ModelServer, timeout_s: float, client: httpx.Client
             raise server.failure(
                 f"answered on {server.url}, but the listener there is not the process started"
             )
-        response = client.post(f"{server.url}/invocations", json=invocation_body(WARMUP_TEXTS, top_k=1))
+        response = client.post(f"{server.url}/invocations", json=warmup_body())
         if response.status_code != 200:
             raise server.failure(f"answered the warm-up with {response.status_code}: {response.text[:300]}")
         try:

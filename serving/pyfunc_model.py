@@ -9,6 +9,7 @@ as code so a machine with only the registry can load the model.
 from __future__ import annotations
 
 import json
+import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from serving.inference import IntentClassifier, resolve_base_model
+from serving.generation import TextGenerator, merge_adapter
+from serving.inference import MANIFEST_FILE, IntentClassifier, resolve_base_model
 from tuneloop.config import ServingParams
 
 ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base"
+MERGED_ARTIFACT = "merged"
 INPUT_EXAMPLE = pd.DataFrame({"text": ["where is my order?", "I want my money back for the broken lamp"]})
 
 
@@ -112,3 +115,62 @@ def log_intent_model(
         pip_requirements=pinned_requirements(),
         metadata={"base_model": base, "base_bundled": BASE_ARTIFACT in artifacts},
     )
+
+
+GENERATION_EXAMPLE = pd.DataFrame({"text": ["where is my order NW-12345?"]})
+
+
+def generation_signature(max_new_tokens: int, batch_size: int) -> ModelSignature:
+    """A message in, the generated text and its token counts out; ``max_new_tokens`` per request."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema(
+            [ColSpec("string", "generated"), ColSpec("long", "prompt_tokens"), ColSpec("long", "new_tokens")]
+        ),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("batch_size", "long", batch_size)]
+        ),
+    )
+
+
+class GenerationPyfunc(PythonModel):
+    """Greedy answers of the merged causal LM for a DataFrame with a string ``text`` column."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.generator = TextGenerator.load(context.artifacts[MERGED_ARTIFACT])
+
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        request_params = params or {}
+        answers = self.generator.generate(
+            [str(text) for text in model_input["text"].tolist()],
+            max_new_tokens=int(request_params.get("max_new_tokens", self.generator.max_new_tokens)),
+            batch_size=int(request_params.get("batch_size", 8)),
+        )
+        return pd.DataFrame(
+            {
+                "generated": [answer.text for answer in answers],
+                "prompt_tokens": [answer.prompt_tokens for answer in answers],
+                "new_tokens": [answer.new_tokens for answer in answers],
+            }
+        )
+
+
+def log_generation_model(adapter_dir: Path, serving_params: ServingParams, name: str = "model") -> ModelInfo:
+    """Log the generation pyfunc (adapter merged into its base, tokenizer, generation settings)."""
+    import serving
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-merged-") as scratch:
+        merged = merge_adapter(Path(adapter_dir), Path(scratch) / MERGED_ARTIFACT)
+        manifest = json.loads((merged / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=GenerationPyfunc(),
+            artifacts={MERGED_ARTIFACT: str(merged)},
+            code_paths=[str(Path(serving.__file__).parent)],
+            signature=generation_signature(manifest["max_new_tokens"], serving_params.batch_size),
+            input_example=GENERATION_EXAMPLE,
+            pip_requirements=pinned_requirements(),
+            metadata={"task": "generation", "base_model": manifest["base_model"]},
+        )

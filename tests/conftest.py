@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.engines import require_postgres, running_postgres, running_s3
-from tests.support import build_tiny_base, copy_repo_as_project, train_tiny_adapter, two_label_slice
+from tests.support import (
+    build_tiny_base,
+    build_tiny_decoder,
+    copy_repo_as_project,
+    train_tiny_adapter,
+    train_tiny_generator,
+    two_label_slice,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +31,17 @@ def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
     """A working two-intent adapter on the tiny base (trained once; tests copy it before changing it)."""
     folder = tmp_path_factory.mktemp("tiny-adapter")
     return train_tiny_adapter(two_label_slice(), tiny_base, folder / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory, tiny_llama) -> Path:
+    """A tiny Llama adapter that answers `tests.support.memorised_pairs` exactly (trained once)."""
+    return train_tiny_generator(tiny_llama, tmp_path_factory.mktemp("tiny-generator") / "adapter")
 
 
 @pytest.fixture

@@ -118,6 +118,52 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
     return folder
 
 
+# Enough steps at a high rate for a tiny decoder to memorise a handful of pairs: every linear layer
+# adapted, no dropout.
+MEMORISE_PAIRS = {
+    "epochs": 60,
+    "learning_rate": 0.02,
+    "batch_size": 6,
+    "eval_batch_size": 6,
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "warmup_fraction": 0.0,
+    "early_stopping_patience": 60,
+    "device": "cpu",
+    "target_modules": "all-linear",
+}
+
+
+def memorised_pairs(count: int = 6):
+    """``count`` short (message, target) pairs of different intents from the generative sample."""
+    import json
+
+    import pandas as pd
+
+    pairs = pd.read_csv(REPO_ROOT / "data/sample/support-pairs.csv")
+    return (
+        pairs.assign(length=pairs["target"].str.len())
+        .sort_values("length")
+        .drop_duplicates(subset="target")
+        .assign(intent=lambda frame: frame["target"].map(lambda target: json.loads(target)["intent"]))
+        .drop_duplicates(subset="intent")
+        .head(count)
+        .reset_index(drop=True)
+    )
+
+
+def train_tiny_generator(base: Path, out_dir: Path) -> Path:
+    """A tiny decoder's adapter that answers :func:`memorised_pairs` exactly (about a minute on CPU)."""
+    from pipelines.sft import train_generator
+    from tuneloop.config import ModelParams
+
+    pairs = memorised_pairs()
+    params = settings("train", **MEMORISE_PAIRS)
+    train_generator(pairs, pairs, ModelParams(base=str(base)), params, settings("generation"), out_dir)
+    return out_dir
+
+
 def venv_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell has after activating the virtualenv, plus ``extra``."""
     env = dict(os.environ)

@@ -6,41 +6,17 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
 from pipelines.sft import IGNORED, PromptTargetPairs, check_sequence_length, train_generator
 from serving.generation import TextGenerator, build_prompt, load_base_generator
 from serving.inference import DeviceChoice, with_pad_token
-from tests.support import REPO_ROOT, build_tiny_decoder, settings
+from tests.support import MEMORISE_PAIRS, build_tiny_decoder, memorised_pairs, settings
 from tuneloop.config import ModelParams
 
 GENERATION = settings("generation")
-PAIRS = pd.read_csv(REPO_ROOT / "data/sample/support-pairs.csv")
-# Six pairs of different intents, short enough to be learnt in a few seconds.
-HANDFUL = (
-    PAIRS.assign(length=PAIRS["target"].str.len())
-    .sort_values("length")
-    .drop_duplicates(subset="target")
-    .assign(intent=lambda frame: frame["target"].map(lambda target: json.loads(target)["intent"]))
-    .drop_duplicates(subset="intent")
-    .head(6)
-)
-# Enough steps at a high rate to memorise the handful; every linear layer adapted, no dropout.
-MEMORISE = {
-    "epochs": 60,
-    "learning_rate": 0.02,
-    "batch_size": 6,
-    "eval_batch_size": 6,
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "warmup_fraction": 0.0,
-    "early_stopping_patience": 60,
-    "device": "cpu",
-    "target_modules": "all-linear",
-}
+HANDFUL = memorised_pairs()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +43,7 @@ def test_the_loss_is_on_the_answer_and_its_end_only(qwen2_tokenizer):
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
 def test_a_handful_of_pairs_is_learnt_to_exact_match(architecture, tmp_path):
     base = build_tiny_decoder(tmp_path / "base", architecture)
-    params = settings("train", **MEMORISE)
+    params = settings("train", **MEMORISE_PAIRS)
     result = train_generator(
         HANDFUL, HANDFUL, ModelParams(base=str(base)), params, GENERATION, tmp_path / "a"
     )

@@ -120,6 +120,7 @@ def test_an_unset_alias_keeps_what_is_served():
     [
         ({"predictions": [{"label": "a"}]}, "expected 2 predictions"),
         ({"predictions": [{"label": "a"}, {"score": 1.0}]}, "without a label"),
+        ({"predictions": [{"generated": "{"}, {"new_tokens": 1}]}, "without a label or generated text"),
         ({"error_code": "BAD_REQUEST"}, "expected 2 predictions"),
     ],
 )
@@ -127,3 +128,4 @@ def test_a_server_is_not_ready_until_its_warmup_answer_is_usable(payload, proble
     with pytest.raises(ValueError, match=problem):
         check_warmup_answer(payload, expected_rows=2)
     check_warmup_answer({"predictions": [{"label": "a"}, {"label": "b"}]}, expected_rows=2)
+    check_warmup_answer({"predictions": [{"generated": "{", "new_tokens": 1}] * 2}, expected_rows=2)
