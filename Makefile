@@ -34,7 +34,7 @@ repro: setup
 
 ## test: every test, slow ones included (what CI runs)
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 ## test-fast: unit, data and model tests only
 test-fast: setup

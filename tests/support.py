@@ -66,8 +66,11 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer, 64-wide causal LM of ``architecture`` with its own byte-level BPE tokenizer.
+def build_tiny_decoder(
+    folder: Path, architecture: str = "llama", seed: int = 0, shape: dict | None = None
+) -> Path:
+    """A 2-layer, 64-wide causal LM of ``architecture`` (``shape`` overrides config sizes) with its own
+    byte-level BPE tokenizer.
 
     No decoder tokenizer ships offline, so one is trained here on the sample's messages, shaped like
     GPT-2's and Llama's: bytes never fall out of the vocabulary, BOS/EOS tokens and no pad token (Qwen2's
@@ -84,9 +87,9 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
     if architecture == "gpt2":
-        shape = {
+        sizes = {
             "n_embd": 64,
             "n_layer": 2,
             "n_head": 4,
@@ -96,7 +99,11 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
             "attn_pdrop": 0.0,
         }
     else:
-        shape |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
+        sizes |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
+    # A random model's logits are bounded by its frozen output layer's scale (the final norm fixes the
+    # hidden size): at the usual 0.02 LoRA cannot make any token likely, as pre-training would have.
+    sizes["initializer_range"] = 0.3
+    sizes |= shape or {}
     config = AutoConfig.for_model(
         architecture,
         vocab_size=len(tokenizer),
@@ -104,10 +111,7 @@ def build_tiny_decoder(folder: Path, architecture: str = "llama", seed: int = 0)
         eos_token_id=tokenizer.eos_token_id,
         # Some configs default to their real vocabulary's pad id (Qwen2: 151643); this one has none.
         pad_token_id=None,
-        # A random model's logits are bounded by its frozen output layer's scale (the final norm fixes the
-        # hidden size): at the usual 0.02 LoRA cannot make any token likely, as pre-training would have.
-        initializer_range=0.3,
-        **shape,
+        **sizes,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

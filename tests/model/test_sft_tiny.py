@@ -39,8 +39,22 @@ def test_the_loss_is_on_the_answer_and_its_end_only(qwen2_tokenizer):
     assert example["input_ids"][answer_start:] == learnt
 
 
+def assert_learnt_exactly(adapter) -> None:
+    generator = TextGenerator.load(adapter, device="cpu")
+    answers = generator.generate(HANDFUL["message"].tolist(), batch_size=4)
+    assert [answer.text for answer in answers] == HANDFUL["target"].tolist()
+    assert all(json.loads(answer.text)["reply"] for answer in answers)
+    assert all(answer.new_tokens > 10 and answer.prompt_tokens > 10 for answer in answers)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_a_handful_of_pairs_is_learnt_to_exact_match_by_llama(tiny_generator):
+    """The session's tiny Llama generator (tests/conftest.py), trained with MEMORISE_PAIRS."""
+    assert_learnt_exactly(tiny_generator)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["qwen2", "gpt2"])
 def test_a_handful_of_pairs_is_learnt_to_exact_match(architecture, tmp_path):
     base = build_tiny_decoder(tmp_path / "base", architecture)
     params = settings("train", **MEMORISE_PAIRS)
@@ -49,11 +63,7 @@ def test_a_handful_of_pairs_is_learnt_to_exact_match(architecture, tmp_path):
     )
 
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
-    generator = TextGenerator.load(tmp_path / "a", device="cpu")
-    answers = generator.generate(HANDFUL["message"].tolist(), batch_size=4)
-    assert [answer.text for answer in answers] == HANDFUL["target"].tolist()
-    assert all(json.loads(answer.text)["reply"] for answer in answers)
-    assert all(answer.new_tokens > 10 and answer.prompt_tokens > 10 for answer in answers)
+    assert_learnt_exactly(tmp_path / "a")
 
 
 def test_qlora_is_refused_on_cpu_with_what_to_change():
