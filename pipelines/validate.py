@@ -17,6 +17,7 @@ from typing import Any
 
 import great_expectations as gx
 import pandas as pd
+from great_expectations.core import ExpectationSuiteValidationResult
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
@@ -86,13 +87,14 @@ def load_suite(known_labels: tuple[str, ...]) -> gx.ExpectationSuite:
     return gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
 
 
-def run_suite(
+def run_checkpoint(
     frame: pd.DataFrame,
-    params: ValidateParams,
-    known_labels: tuple[str, ...],
+    suite: gx.ExpectationSuite,
+    name: str,
     data_docs_dir: Path | None = None,
-) -> ValidationOutcome:
-    """Validate ``frame`` with the repo's suite; build GX Data Docs into ``data_docs_dir`` if given."""
+    expectation_parameters: dict | None = None,
+) -> ExpectationSuiteValidationResult:
+    """``suite`` on ``frame`` in one ephemeral GX context and checkpoint; Data Docs into ``data_docs_dir``."""
     # GX's per-metric progress bars would bury the summary; the suite takes well under a second.
     context = gx.get_context(
         mode="ephemeral",
@@ -114,24 +116,39 @@ def run_suite(
             },
         )
     batch_definition = (
-        context.data_sources.add_pandas("prepared")
+        context.data_sources.add_pandas(name)
         .add_dataframe_asset("rows")
         .add_batch_definition_whole_dataframe("all_splits")
     )
-    suite = context.suites.add(load_suite(known_labels))
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="prepared_data", data=batch_definition, suite=suite)
+        gx.ValidationDefinition(name=name, data=batch_definition, suite=context.suites.add(suite))
     )
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
-            name="prepared_data",
+            name=name,
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if data_docs_dir else [],
             result_format={"result_format": "COMPLETE"},
         )
     )
     checkpoint_result = checkpoint.run(
-        batch_parameters={"dataframe": frame},
+        batch_parameters={"dataframe": frame}, expectation_parameters=expectation_parameters or {}
+    )
+    return next(iter(checkpoint_result.run_results.values()))
+
+
+def run_suite(
+    frame: pd.DataFrame,
+    params: ValidateParams,
+    known_labels: tuple[str, ...],
+    data_docs_dir: Path | None = None,
+) -> ValidationOutcome:
+    """Validate ``frame`` with the repo's suite; build GX Data Docs into ``data_docs_dir`` if given."""
+    result = run_checkpoint(
+        frame,
+        load_suite(known_labels),
+        "prepared_data",
+        data_docs_dir,
         expectation_parameters={
             "min_text_chars": params.min_text_chars,
             "max_text_chars": params.max_text_chars,
@@ -140,7 +157,6 @@ def run_suite(
             "min_unique_share": 1.0 - params.max_duplicate_share,
         },
     )
-    result = next(iter(checkpoint_result.run_results.values()))
     failed = []
     for item in result.results:
         if item.success:
