@@ -56,6 +56,13 @@ GATE_METRICS = {
     "max_counterfactual_flip_rate": "bias/counterfactual_flip_rate",
     "max_counterfactual_accuracy_gap": "bias/counterfactual_accuracy_gap",
     "max_expected_calibration_error": "quality/expected_calibration_error",
+    # The generative task (evaluation/generation.py, pipelines/evaluate_generation.py).
+    "min_json_valid_rate": "generation/json_valid_rate",
+    "min_exact_match": "generation/exact_match",
+    "min_field_micro_f1": "generation/field_micro_f1",
+    "min_reply_rouge_l": "generation/reply_rouge_l",
+    "max_group_field_accuracy_gap": "bias/max_group_field_accuracy_gap",
+    "max_counterfactual_field_change_rate": "bias/counterfactual_field_change_rate",
     # Optional behavioural gates (evaluate.behavioural.gates; evaluation/behavioural.py).
     "max_inv_failure_rate": "behaviour/inv_max_failure_rate",
     "max_dir_failure_rate": "behaviour/dir_negation_failure_rate",
