@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -38,11 +39,19 @@ def build_prompt(tokenizer, system_prompt: str, message: str) -> str:
     short, fixed frame that ends where the answer starts.
     """
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "system", "content": system_prompt}, {"role": "user", "content": message}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "system", "content": system_prompt}, {"role": "user", "content": message}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError:
+            # Some templates (Mistral's, Gemma's) refuse a system turn: the instructions open the user turn.
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{system_prompt}\n\n{message}"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
     return f"{system_prompt}\n\n### Message\n{message}\n\n### JSON\n"
 
 

@@ -66,6 +66,18 @@ def test_a_handful_of_pairs_is_learnt_to_exact_match(architecture, tmp_path):
     assert_learnt_exactly(tmp_path / "a")
 
 
+def test_a_template_without_a_system_turn_gets_the_instructions_in_the_user_turn(qwen2_tokenizer):
+    """Mistral's and Gemma's templates raise on a system message, as this one does."""
+    strict = qwen2_tokenizer.__class__.from_pretrained(qwen2_tokenizer.name_or_path)
+    strict.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "[INST] {{ message['content'] }} [/INST]{% endfor %}"
+    )
+    prompt = build_prompt(strict, GENERATION.system_prompt, "where is NW-1?")
+    assert prompt == f"[INST] {GENERATION.system_prompt}\n\nwhere is NW-1? [/INST]"
+
+
 def test_qlora_is_refused_on_cpu_with_what_to_change():
     with pytest.raises(ValueError, match=r"4bit \(QLoRA.*needs a CUDA GPU.*quantization: none"):
         load_base_generator(
