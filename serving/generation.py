@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,9 +205,3 @@ class TextGenerator:
                     new_tokens=len(ids),
                 )
         return [result for result in results if result is not None]
-
-    def timed_generate(self, messages: Sequence[str], batch_size: int = 16) -> tuple[list[Generation], float]:
-        """Answers and the seconds they took (for tokens/s)."""
-        started = time.perf_counter()
-        answers = self.generate(messages, batch_size=batch_size)
-        return answers, time.perf_counter() - started
