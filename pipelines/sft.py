@@ -9,19 +9,17 @@ Writes the adapter, tokenizer and a manifest (``task: generation``) that `servin
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
     Trainer,
-    TrainingArguments,
     set_seed,
 )
 
@@ -33,11 +31,13 @@ from pipelines.train import (
     join_processes,
     lora_config,
     per_process_batch,
+    save_adapter,
+    trained_adapter,
+    training_arguments,
 )
 from serving.generation import GENERATION_TASK, build_prompt, load_base_generator, prompt_token_ids
 from serving.inference import MANIFEST_FILE, resolve_base_model, select_device, with_pad_token
 from tuneloop.config import GenerationParams, ModelParams, TrainParams
-from tuneloop.io import write_json
 
 # Positions the loss ignores (the prompt, the padding): the label value PyTorch's cross-entropy skips.
 IGNORED = -100
@@ -129,32 +129,14 @@ def train_generator(
     train_data, val_data = pairs(train_frame), pairs(val_frame)
     recorder = _EpochRecorder(on_epoch)
     with _checkpoint_dir(ranks) as checkpoints:
-        arguments = TrainingArguments(
-            output_dir=checkpoints,
-            num_train_epochs=params.epochs,
-            per_device_train_batch_size=batch_per_process,
-            per_device_eval_batch_size=params.eval_batch_size,
-            learning_rate=params.learning_rate,
-            lr_scheduler_type=params.lr_scheduler,
-            warmup_steps=params.warmup_fraction,
-            weight_decay=params.weight_decay,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            logging_strategy="epoch",
-            save_total_limit=2,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
+        arguments = training_arguments(
+            params,
+            device,
+            ranks,
+            checkpoints,
+            batch_per_process,
+            best_metric="eval_loss",
             greater_is_better=False,
-            seed=params.seed,
-            data_seed=params.seed,
-            bf16=device.bf16,
-            use_cpu=device.device.type == "cpu",
-            report_to="none",
-            dataloader_num_workers=0,
-            ddp_backend=ranks.backend,
-            ddp_find_unused_parameters=False,
-            activation_checkpointing=params.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = Trainer(
             model=peft_model,
@@ -173,23 +155,20 @@ def train_generator(
         best_epoch = next(
             (row["epoch"] for row in recorder.history if row["val_loss"] == trainer.state.best_metric), None
         )
-        trained = trainer.model
-        if not isinstance(trained, PeftModel):
-            raise TypeError(f"the trainer holds a {type(trained).__name__}, not the PEFT model it was given")
+        trained = trained_adapter(trainer)
         if ranks.is_main:
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            out_dir.mkdir(parents=True)
-            trained.save_pretrained(str(out_dir))
-            tokenizer.save_pretrained(out_dir)
-            write_json(
-                out_dir / MANIFEST_FILE,
+            save_adapter(
+                trained,
+                tokenizer,
+                out_dir,
                 {
-                    "task": GENERATION_TASK,
-                    "base_model": model.base,
-                    "system_prompt": generation.system_prompt,
-                    "max_input_tokens": generation.max_input_tokens,
-                    "max_new_tokens": generation.max_new_tokens,
+                    MANIFEST_FILE: {
+                        "task": GENERATION_TASK,
+                        "base_model": model.base,
+                        "system_prompt": generation.system_prompt,
+                        "max_input_tokens": generation.max_input_tokens,
+                        "max_new_tokens": generation.max_new_tokens,
+                    }
                 },
             )
     return TrainResult(

@@ -264,6 +264,71 @@ def to_ids(labels: pd.Series, label_names: tuple[str, ...]) -> list[int]:
     return [index[label] for label in labels]
 
 
+def training_arguments(
+    params: TrainParams,
+    device: DeviceChoice,
+    ranks: Ranks,
+    checkpoints: str,
+    batch_per_process: int,
+    best_metric: str,
+    greater_is_better: bool = True,
+    **task_specific,
+) -> TrainingArguments:
+    """What every LoRA fine-tune here trains with: per-epoch validation and checkpoints, the best epoch kept
+    (by ``best_metric``), seeds, bf16 autocast on a GPU, DDP when a launcher started several processes."""
+    return TrainingArguments(
+        output_dir=checkpoints,
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=batch_per_process,
+        per_device_eval_batch_size=params.eval_batch_size,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_fraction,
+        weight_decay=params.weight_decay,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=best_metric,
+        greater_is_better=greater_is_better,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=device.bf16,
+        use_cpu=device.device.type == "cpu",
+        report_to="none",
+        dataloader_num_workers=0,
+        # None for one process: a backend named without a process group is refused by accelerate.
+        ddp_backend=ranks.backend,
+        # Every trainable parameter (LoRA matrices, head) takes part in every forward pass: DDP need not
+        # search the graph for unused ones each step, and if one were unused DDP would say so.
+        ddp_find_unused_parameters=False,
+        activation_checkpointing=params.gradient_checkpointing,
+        # The reentrant variant needs inputs that require grad, which a frozen embedding does not give.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        **task_specific,
+    )
+
+
+def trained_adapter(trainer: Trainer) -> PeftModel:
+    """The PEFT model the trainer ends with: with load_best_model_at_end, the best epoch's weights."""
+    trained = trainer.model
+    if not isinstance(trained, PeftModel):
+        raise TypeError(f"the trainer holds a {type(trained).__name__}, not the PEFT model it was given")
+    return trained
+
+
+def save_adapter(trained: PeftModel, tokenizer, out_dir: Path, json_files: dict[str, object]) -> None:
+    """Replace ``out_dir`` with the adapter, its tokenizer and ``json_files`` (name -> content)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    trained.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(out_dir)
+    for name, content in json_files.items():
+        write_json(out_dir / name, content)
+
+
 def train(
     train_frame: pd.DataFrame,
     val_frame: pd.DataFrame,
@@ -321,42 +386,19 @@ def train(
     )
     recorder = _EpochRecorder(on_epoch)
     with _checkpoint_dir(ranks) as checkpoints:
-        arguments = TrainingArguments(
-            output_dir=checkpoints,
-            num_train_epochs=params.epochs,
-            per_device_train_batch_size=batch_per_process,
-            per_device_eval_batch_size=params.eval_batch_size,
-            learning_rate=params.learning_rate,
-            lr_scheduler_type=params.lr_scheduler,
-            warmup_steps=params.warmup_fraction,
-            weight_decay=params.weight_decay,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            logging_strategy="epoch",
-            save_total_limit=2,
-            load_best_model_at_end=True,
-            metric_for_best_model="macro_f1",
-            greater_is_better=True,
-            seed=params.seed,
-            data_seed=params.seed,
-            bf16=device.bf16,
-            use_cpu=device.device.type == "cpu",
-            report_to="none",
-            dataloader_num_workers=0,
-            # None for one process: a backend named without a process group is refused by accelerate.
-            ddp_backend=ranks.backend,
+        arguments = training_arguments(
+            params,
+            device,
+            ranks,
+            checkpoints,
+            batch_per_process,
+            best_metric="macro_f1",
             # The Trainer multiplies the loss by the process count when the model's forward takes
             # **kwargs, expecting a loss summed over the global token count; sequence classifiers
             # (BertForSequenceClassification) ignore that count and return a mean, so with the default
             # every gradient would be `processes` times too large. DDP's gradient mean is right as it is.
             # With one process the factor is 1, so this changes nothing there.
             average_tokens_across_devices=False,
-            # Every trainable parameter (LoRA matrices, head) takes part in every forward pass: DDP need not
-            # search the graph for unused ones each step, and if one were unused DDP would say so.
-            ddp_find_unused_parameters=False,
-            activation_checkpointing=params.gradient_checkpointing,
-            # The reentrant variant needs inputs that require grad, which a frozen embedding does not give.
-            activation_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = Trainer(
             model=peft_model,
@@ -382,18 +424,17 @@ def train(
             ),
             None,
         )
-        # With load_best_model_at_end the trainer holds the best epoch's adapter weights.
-        trained = trainer.model
-        if not isinstance(trained, PeftModel):
-            raise TypeError(f"the trainer holds a {type(trained).__name__}, not the PEFT model it was given")
+        trained = trained_adapter(trainer)
         if ranks.is_main:
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            out_dir.mkdir(parents=True)
-            trained.save_pretrained(str(out_dir))
-            tokenizer.save_pretrained(out_dir)
-            write_json(out_dir / LABELS_FILE, list(label_names))
-            write_json(out_dir / MANIFEST_FILE, {"base_model": model.base, "max_length": params.max_length})
+            save_adapter(
+                trained,
+                tokenizer,
+                out_dir,
+                {
+                    LABELS_FILE: list(label_names),
+                    MANIFEST_FILE: {"base_model": model.base, "max_length": params.max_length},
+                },
+            )
         # Leaving the block waits for every rank, so each returns with the adapter on disk.
     return TrainResult(
         history=recorder.history,

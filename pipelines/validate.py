@@ -66,6 +66,18 @@ class ValidationOutcome:
             lines.extend(f"    e.g. {example}" for example in failure.examples)
         return "\n".join(lines)
 
+    def write(self, report_dir: Path) -> None:
+        """The full GX result and the summary (which checks failed, with examples) into ``report_dir``."""
+        write_json(report_dir / "result.json", self.raw_result)
+        write_json(
+            report_dir / "summary.json",
+            {
+                "success": self.success,
+                "checks_run": self.checks_run,
+                "failed": [failure.__dict__ for failure in self.failed],
+            },
+        )
+
 
 def build_validation_frame(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Stack the splits and add the per-row columns that the cross-row expectations read."""
@@ -201,15 +213,7 @@ def validate(
     splits = {name: pd.read_parquet(prepared_dir / f"{name}.parquet") for name in SPLITS}
     frame = build_validation_frame(splits)
     outcome = run_suite(frame, params, known_labels, data_docs_dir=report_dir / "data_docs")
-    write_json(report_dir / "result.json", outcome.raw_result)
-    write_json(
-        report_dir / "summary.json",
-        {
-            "success": outcome.success,
-            "checks_run": outcome.checks_run,
-            "failed": [failure.__dict__ for failure in outcome.failed],
-        },
-    )
+    outcome.write(report_dir)
     if not outcome.success:
         raise DataValidationError(outcome.summary())
     return outcome

@@ -24,7 +24,6 @@ from great_expectations.core import ExpectationValidationResult
 from evaluation.generation import NULLABLE_FIELDS, REQUIRED_FIELDS
 from pipelines.validate import FailedCheck, ValidationOutcome, run_checkpoint
 from tuneloop.config import GenerationParams, ValidateParams
-from tuneloop.io import write_json
 from tuneloop.text import fold_text
 
 SUITE_NAME = "tuneloop_pairs"
@@ -220,15 +219,7 @@ def validate_pairs(
         raw_result=result.to_json_dict(),
     )
     if report_dir is not None:
-        write_json(report_dir / "result.json", outcome.raw_result)
-        write_json(
-            report_dir / "summary.json",
-            {
-                "success": outcome.success,
-                "checks_run": outcome.checks_run,
-                "failed": [failure.__dict__ for failure in outcome.failed],
-            },
-        )
+        outcome.write(report_dir)
     return outcome
 
 
