@@ -15,6 +15,7 @@ from tests.support import (
     train_tiny_adapter,
     train_tiny_generator,
     two_label_slice,
+    work_in_project,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,12 +55,7 @@ def project(tmp_path, tiny_base, monkeypatch) -> Path:
         params["evaluate"]["counterfactual"]["max_examples"] = 40
 
     copy_repo_as_project(root, tiny_base, tiny_fast_run)
-    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("TUNELOOP_DVC_REMOTE", str(tmp_path / "remote"))
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.chdir(root)
-    return root
+    return work_in_project(monkeypatch, root, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -297,6 +297,16 @@ def copy_repo_as_project(root: Path, tiny_base: Path, adjust_params) -> Path:
     return root
 
 
+def work_in_project(monkeypatch, root: Path, scratch: Path) -> Path:
+    """Run in ``root`` as a user would, with its tuneloop home and DVC remote in ``scratch``."""
+    monkeypatch.setenv("TUNELOOP_HOME", str(scratch / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("TUNELOOP_DVC_REMOTE", str(scratch / "remote"))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(root)
+    return root
+
+
 def make_project(root: Path, tiny_base: Path) -> Path:
     """A git copy of the repo set up for the tiny model, with `tuneloop init` done (data in the remote).
 

@@ -13,7 +13,13 @@ from mlflow.tracking import MlflowClient
 
 from serving.inference import IntentClassifier
 from serving.model_server import invocation_body, start_model_server, wait_until_ready
-from tests.support import GATES_ANY_MODEL_PASSES, build_tiny_decoder, copy_repo_as_project, run_cli
+from tests.support import (
+    GATES_ANY_MODEL_PASSES,
+    build_tiny_decoder,
+    copy_repo_as_project,
+    run_cli,
+    work_in_project,
+)
 from tuneloop.config import Environment
 
 pytestmark = pytest.mark.slow
@@ -35,12 +41,7 @@ def llama_project(tmp_path, monkeypatch):
         params["evaluate"]["gates"] = dict(GATES_ANY_MODEL_PASSES)
 
     root = copy_repo_as_project(tmp_path / "project", base, decoder_run)
-    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("TUNELOOP_DVC_REMOTE", str(tmp_path / "remote"))
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.chdir(root)
-    return root
+    return work_in_project(monkeypatch, root, tmp_path)
 
 
 def test_a_tiny_llama_is_trained_registered_promoted_and_served(llama_project, tmp_path):
