@@ -65,7 +65,7 @@ def promote_version(tracking_env: Environment, params_path: str, version: str, t
             version=version,
             actor=ACTOR,
             reason=f"approval=approved seen by the scheduled {to} promotion",
-            gate_thresholds=params.evaluate.gate_thresholds(),
+            gate_thresholds=params.evaluate.gate_thresholds(params.task),
         )
     except PromotionRefused as refused:
         get_run_logger().warning("%s", refused)

@@ -1,5 +1,6 @@
 """`evaluate` stage: quality, calibration, latency, bias and behavioural tests of the trained adapter on
-the test split, and the gate verdicts that decide whether the model may be promoted.
+the test split, and the gate verdicts that decide whether the model may be promoted. With `task:
+generation` the same files hold the generation report (`evaluate_generation_task`).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +20,15 @@ import yaml
 from evaluation.behavioural import BehaviouralCases, behavioural_tests, parse_cases
 from evaluation.bias import counterfactual_test, group_metrics
 from evaluation.gates import evaluate_gates
+from evaluation.generation import group_metrics as generation_group_metrics
+from evaluation.generation import is_valid, parse_output
 from evaluation.plots import confusion_matrix_figure
 from evaluation.quality import confusion, expected_calibration_error, headline_metrics, per_class_metrics
+from pipelines.evaluate_generation import evaluate_generator
 from pipelines.train import to_ids
+from serving.generation import Generation, TextGenerator
 from serving.inference import MANIFEST_FILE, IntentClassifier
-from tuneloop.config import Environment, EvaluateParams, load_params
+from tuneloop.config import Environment, EvaluateParams, GenerationParams, load_params
 from tuneloop.io import read_json, write_json
 from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_DIR, REPORTS_DIR
 from tuneloop.tracking import use_experiment
@@ -41,6 +47,8 @@ class EvaluationResult:
     gates: dict
     confusion: np.ndarray
     predictions: pd.DataFrame
+    # The confusion matrix's rows and columns (a generator's adds INVALID_ANSWER).
+    label_names: tuple[str, ...]
 
 
 def load_behavioural_cases(path: str | Path) -> BehaviouralCases:
@@ -108,7 +116,7 @@ def evaluate(
     behavioural = behavioural_tests(predict_labels, texts, label_names, behavioural_cases, params.behavioural)
     metrics.update(behavioural["metrics"])
 
-    gates = evaluate_gates(metrics, params.gate_thresholds())
+    gates = evaluate_gates(metrics, params.gate_thresholds("classification"))
     predictions = test_frame.assign(
         predicted=[label_names[i] for i in y_pred], score=probabilities.max(axis=1)
     )
@@ -120,6 +128,112 @@ def evaluate(
         gates=gates,
         confusion=confusion(y_true, y_pred, len(label_names)),
         predictions=predictions,
+        label_names=tuple(label_names),
+    )
+
+
+# The intent a generated answer is scored with when it is not valid JSON with every field.
+INVALID_ANSWER = "<invalid answer>"
+
+
+def answered_intents(outputs: Sequence[str]) -> list[str]:
+    """The ``intent`` field of each generated answer, or INVALID_ANSWER."""
+    intents = []
+    for text in outputs:
+        parsed = parse_output(text)
+        intents.append(str(parsed["intent"]) if is_valid(parsed) else INVALID_ANSWER)
+    return intents
+
+
+def evaluate_generation_task(
+    generator: TextGenerator,
+    test_frame: pd.DataFrame,
+    label_names: tuple[str, ...],
+    group_columns: tuple[str, ...],
+    generation: GenerationParams,
+    params: EvaluateParams,
+    behavioural_cases: BehaviouralCases | None = None,
+) -> EvaluationResult:
+    """`task: generation`: the generation report (`pipelines.evaluate_generation`) in the stage's files.
+
+    The answers are scored as JSON against the targets; the ``intent`` they extract is also scored as a
+    classifier's label would be (per intent, confusion matrix, behavioural tests), since that is the
+    field a support tool routes on.
+    """
+    if behavioural_cases is None:
+        behavioural_cases = load_behavioural_cases(params.behavioural.cases_path)
+
+    def generate(messages: Sequence[str]) -> list[Generation]:
+        return generator.generate(messages, batch_size=params.batch_size, progress=True)
+
+    report = evaluate_generator(
+        generate, test_frame, generation, params.counterfactual, group_columns, params.behavioural.seed
+    )
+    metrics = dict(report.metrics)
+    metrics["quality/test_examples"] = len(test_frame)
+    true_intents = [
+        str((parse_output(target) or {}).get("intent")) for target in test_frame[generation.target_column]
+    ]
+    predicted_intents = answered_intents(report.outputs)
+    names = tuple(dict.fromkeys([*label_names, *true_intents, *predicted_intents, INVALID_ANSWER]))
+    per_intent = report.per_example.assign(intent=true_intents).groupby("intent")
+    per_class = {
+        intent: {
+            "support": int(len(rows)),
+            "json_valid_rate": float(rows["valid"].mean()),
+            "exact_match": float(rows["exact"].mean()),
+            "field_accuracy": float(rows["field_accuracy"].mean()),
+            "intent_accuracy": float(rows["field_exact/intent"].mean()),
+        }
+        for intent, rows in per_intent
+    }
+    groups = {}
+    for column in group_columns:
+        by_group = generation_group_metrics(report.per_example, test_frame[column].reset_index(drop=True))
+        groups[column] = {
+            "exact_gap": by_group["bias/max_group_exact_gap"],
+            "field_accuracy_gap": by_group["bias/max_group_field_accuracy_gap"],
+            "slices": {key: value for key, value in by_group.items() if key.startswith("slice/")},
+        }
+    counterfactual = {
+        attribute: {
+            "field_change_rate": changes["bias/counterfactual_field_change_rate"],
+            "changes": {
+                key.rsplit("/", 1)[1]: value
+                for key, value in changes.items()
+                if key.startswith("bias/counterfactual_change/")
+            },
+        }
+        for attribute, changes in report.counterfactual.items()
+    }
+
+    def predict_intents(batch: list[str]) -> list[str]:
+        return answered_intents([answer.text for answer in generate(batch)])
+
+    log.info("behavioural tests on the answers' intent: typos, casing, names, punctuation, negation, MFT")
+    messages = test_frame[generation.input_column].astype(str).tolist()
+    behavioural = behavioural_tests(
+        predict_intents, messages, label_names, behavioural_cases, params.behavioural
+    )
+    metrics.update(behavioural["metrics"])
+    index = {name: position for position, name in enumerate(names)}
+    return EvaluationResult(
+        metrics=metrics,
+        per_class=per_class,
+        bias={"groups": groups, "counterfactual": counterfactual},
+        behavioural=behavioural,
+        gates=evaluate_gates(metrics, params.gate_thresholds("generation")),
+        confusion=confusion(
+            [index[i] for i in true_intents], [index[i] for i in predicted_intents], len(names)
+        ),
+        predictions=test_frame.assign(
+            generated=report.outputs,
+            label=true_intents,
+            predicted=predicted_intents,
+            exact=report.per_example["exact"].to_numpy(),
+            field_accuracy=report.per_example["field_accuracy"].to_numpy(),
+        ),
+        label_names=names,
     )
 
 
@@ -137,13 +251,19 @@ def main(argv: list[str] | None = None) -> None:
     env = Environment.from_env()
     metrics_dir, plots_dir, reports_dir = Path(args.metrics_dir), Path(args.plots_dir), Path(args.reports_dir)
 
-    classifier = IntentClassifier.load(args.model_dir, device=params.train.device)
-    result = evaluate(
-        classifier,
-        pd.read_parquet(Path(args.prepared_dir) / "test.parquet"),
-        params.data.group_columns,
-        params.evaluate,
-    )
+    test_frame = pd.read_parquet(Path(args.prepared_dir) / "test.parquet")
+    if params.task == "generation":
+        result = evaluate_generation_task(
+            TextGenerator.load(args.model_dir, device=params.train.device),
+            test_frame,
+            params.data.labels,
+            params.data.group_columns,
+            params.generation,
+            params.evaluate,
+        )
+    else:
+        classifier = IntentClassifier.load(args.model_dir, device=params.train.device)
+        result = evaluate(classifier, test_frame, params.data.group_columns, params.evaluate)
 
     write_json(metrics_dir / "evaluate.json", {k: round(v, 6) for k, v in result.metrics.items()})
     write_json(metrics_dir / "per_class.json", result.per_class)
@@ -154,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     result.predictions[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(
         plots_dir / "confusion.csv", index=False
     )
-    figure = confusion_matrix_figure(result.confusion, classifier.label_names)
+    figure = confusion_matrix_figure(result.confusion, result.label_names)
     figure.savefig(plots_dir / "confusion_matrix.png", dpi=120)
     reports_dir.mkdir(parents=True, exist_ok=True)
     result.predictions.to_csv(reports_dir / "test_predictions.csv", index=False)
@@ -184,12 +304,12 @@ def main(argv: list[str] | None = None) -> None:
             for test, report in result.behavioural["tests"].items()
         ),
     )
-    log.info(
-        "accuracy %.4f, macro-F1 %.4f; gates %s",
-        result.metrics["quality/accuracy"],
-        result.metrics["quality/macro_f1"],
-        verdict,
+    headline = (
+        ("generation/json_valid_rate", "generation/exact_match", "generation/field_micro_f1")
+        if params.task == "generation"
+        else ("quality/accuracy", "quality/macro_f1")
     )
+    log.info("%s; gates %s", ", ".join(f"{key} {result.metrics[key]:.4f}" for key in headline), verdict)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`prepare` stage: raw table -> normalised, de-duplicated, stratified train/val Parquet, plus the frozen
-test file (data.test_path) as the test split.
+test file (data.test_path) as the test split. With `task: generation` the rows are (message, target)
+pairs (`prepare_pairs`).
 
 The test split is never redrawn from the raw data: `tuneloop init` splits it off once into its own
 DVC-tracked file, so every model (and every retraining on grown raw data) is scored on the same rows.
@@ -9,6 +10,7 @@ Raw rows whose text is in that file are dropped before the train/val split (prep
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from tuneloop.config import DataParams, PrepareParams, load_params
+from tuneloop.config import DataParams, GenerationParams, PrepareParams, load_params
 from tuneloop.io import file_md5, read_table, write_json
 from tuneloop.paths import PREPARED_DIR, SPLITS
 from tuneloop.text import fold_text, normalise_whitespace
@@ -118,6 +120,64 @@ def prepare(
     )
 
 
+def load_pairs(path: Path, generation: GenerationParams, group_columns: tuple[str, ...]) -> pd.DataFrame:
+    """The (message, target) columns named in ``generation`` and the group columns, messages normalised."""
+    frame = read_table(path)
+    wanted = [generation.input_column, generation.target_column, *group_columns]
+    missing = [column for column in wanted if column not in frame.columns]
+    if missing:
+        raise KeyError(
+            f"columns {missing} are not in {path} (it has {list(frame.columns)}); with `task: generation` "
+            "set generation.input_column / generation.target_column / data.group_columns in params.yaml"
+        )
+    pairs = frame[wanted].copy()
+    pairs[generation.input_column] = normalise_whitespace(pairs[generation.input_column].astype("string"))
+    pairs[generation.target_column] = pairs[generation.target_column].astype("string")
+    for column in group_columns:
+        pairs[column] = pairs[column].astype("string").fillna("unknown")
+    return pairs
+
+
+def _target_intent(target: object) -> str:
+    """The target's ``intent`` (the stratum of the split), or a marker `validate` will refuse anyway."""
+    try:
+        parsed = json.loads(str(target))
+    except (TypeError, ValueError):
+        return "<not json>"
+    return str(parsed.get("intent")) if isinstance(parsed, dict) else "<not an object>"
+
+
+def prepare_pairs(
+    raw_path: Path,
+    generation: GenerationParams,
+    group_columns: tuple[str, ...],
+    params: PrepareParams,
+    test_path: Path,
+) -> PrepareResult:
+    """`task: generation`: de-duplicate the pairs by message, drop messages of the frozen test file, and
+    split train/val stratified by the target's intent (so every intent is validated on)."""
+    message = generation.input_column
+    frame = load_pairs(raw_path, generation, group_columns)
+    before = len(frame)
+    folded = fold_text(frame[message])
+    frame = frame[~folded.duplicated(keep="first") | folded.isna()].reset_index(drop=True)
+    test_frame = load_pairs(test_path, generation, group_columns)
+    overlap = 0
+    if params.drop_test_overlap:
+        in_test = fold_text(frame[message]).isin(set(fold_text(test_frame[message]).dropna()))
+        overlap = int(in_test.sum())
+        frame = frame[~in_test].reset_index(drop=True)
+    strata = frame.assign(label=frame[generation.target_column].map(_target_intent))
+    splits = split_stratified(strata, params.val_fraction, params.test_fraction, params.seed, test_frame)
+    return PrepareResult(
+        splits={name: part.drop(columns="label", errors="ignore") for name, part in splits.items()},
+        label_names=(),
+        source_md5=file_md5(raw_path),
+        dropped_duplicates=before - len(frame) - overlap,
+        dropped_test_overlap=overlap,
+    )
+
+
 def write_prepared(result: PrepareResult, raw_path: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in result.splits.items():
@@ -150,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             "data would redraw it. Run `tuneloop init` (it splits one off once), or set data.test_path."
         )
     test_path = Path(params.data.test_path)
-    result = prepare(raw_path, params.data, params.prepare, test_path)
+    if params.task == "generation":
+        result = prepare_pairs(
+            raw_path, params.generation, params.data.group_columns, params.prepare, test_path
+        )
+    else:
+        result = prepare(raw_path, params.data, params.prepare, test_path)
     write_prepared(result, raw_path, Path(args.out_dir))
     log.info(
         "prepared %s with the frozen test file %s: %s (dropped %d exact duplicates, %d rows whose text "

@@ -459,8 +459,9 @@ def train_metrics(result: TrainResult) -> dict[str, float]:
         "train/total_seconds": round(result.total_seconds, 2),
         "train/epochs_run": result.epochs_run,
         "train/best_epoch": result.best_epoch or result.epochs_run,
-        "train/best_val_accuracy": best["val_accuracy"],
-        "train/best_val_macro_f1": best["val_macro_f1"],
+        "train/best_val_loss": best["val_loss"],
+        # A classifier's validation also scores labels; a generator's is its loss on the targets.
+        **{f"train/best_{key}": best[key] for key in ("val_accuracy", "val_macro_f1") if key in best},
         "train/trainable_parameters": result.trainable_parameters,
         "train/processes": result.processes,
     }
@@ -572,6 +573,20 @@ def _read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, tuple[st
     )
 
 
+def train_for_task(
+    params: Params, prepared: Path, out_dir: Path, on_epoch: EpochLogger | None = None
+) -> TrainResult:
+    """The training step of ``params.task``: a classifier (`train`) or a generator (`pipelines.sft`)."""
+    train_frame, val_frame, labels = _read_prepared(prepared)
+    if params.task == "generation":
+        from pipelines.sft import train_generator
+
+        return train_generator(
+            train_frame, val_frame, params.model, params.train, params.generation, out_dir, on_epoch
+        )
+    return train(train_frame, val_frame, labels, params.model, params.train, out_dir, on_epoch=on_epoch)
+
+
 def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) -> None:
     """Rank 0's part (the only one for a single process): train, and write MLflow and the outputs."""
     env = Environment.from_env()
@@ -585,6 +600,7 @@ def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) ->
                 "tuneloop.data_md5": meta["source_md5"],
                 "tuneloop.data_path": meta["source_path"],
                 "tuneloop.base_model": params.model.base,
+                "tuneloop.task": params.task,
                 "tuneloop.processes": ranks.world_size,
                 "tuneloop.ddp_backend": ranks.backend or "none",
             }
@@ -608,13 +624,7 @@ def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) ->
                 {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None}, step=step
             )
 
-        result = train(
-            *_read_prepared(prepared),
-            params.model,
-            params.train,
-            Path(args.out_dir),
-            on_epoch=log_epoch,
-        )
+        result = train_for_task(params, prepared, Path(args.out_dir), on_epoch=log_epoch)
         metrics = train_metrics(result)
         mlflow.log_metrics(metrics)
         mlflow.set_tag("tuneloop.device", result.device)
@@ -659,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         if ranks.is_main:
             _train_and_record(args, params, ranks)
         else:
-            train(*_read_prepared(Path(args.prepared_dir)), params.model, params.train, Path(args.out_dir))
+            train_for_task(params, Path(args.prepared_dir), Path(args.out_dir))
         if ranks.world_size > 1:
             # The other ranks stay until rank 0 has written its outputs and closed its MLflow run.
             dist.barrier()

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from great_expectations.data_context.types.base import (
     ProgressBarsConfig,
 )
 
-from tuneloop.config import ValidateParams, load_params
+from tuneloop.config import Params, ValidateParams, load_params
 from tuneloop.io import write_json
 from tuneloop.paths import PREPARED_DIR, SPLITS, VALIDATION_REPORT_DIR
 from tuneloop.text import fold_text
@@ -219,6 +220,26 @@ def validate(
     return outcome
 
 
+def validate_prepared_pairs(prepared_dir: Path, params: Params, report_dir: Path) -> ValidationOutcome:
+    """`task: generation`: the pairs suite (`pipelines.validate_pairs`), token counts from the base's
+    tokenizer; writes the same report files as `validate` and raises on failure."""
+    from transformers import AutoTokenizer
+
+    from pipelines.validate_pairs import validate_pairs
+    from serving.inference import resolve_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(params.model.base))
+
+    def count_tokens(texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    splits = [pd.read_parquet(prepared_dir / f"{name}.parquet") for name in SPLITS]
+    outcome = validate_pairs(*splits, count_tokens, params.generation, params.validate_, report_dir)
+    if not outcome.success:
+        raise DataValidationError(outcome.summary())
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -228,9 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
     try:
-        outcome = validate(
-            Path(args.prepared_dir), params.validate_, params.data.labels, Path(args.report_dir)
-        )
+        if params.task == "generation":
+            outcome = validate_prepared_pairs(Path(args.prepared_dir), params, Path(args.report_dir))
+        else:
+            outcome = validate(
+                Path(args.prepared_dir), params.validate_, params.data.labels, Path(args.report_dir)
+            )
     except DataValidationError as error:
         print(str(error), file=sys.stderr)
         print(

@@ -20,8 +20,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
+from evaluation.generation import compare_paired, per_example_scores
+from serving.generation import GENERATION_TASK
 from serving.inference import MANIFEST_FILE
-from serving.pyfunc_model import log_intent_model
+from serving.pyfunc_model import log_generation_model, log_intent_model
 from tuneloop.config import Params, RegistryParams, ServingParams
 from tuneloop.io import file_md5, read_json
 from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PREPARED_DIR
@@ -39,6 +41,12 @@ HEADLINE_METRICS = (
     "bias/max_group_accuracy_gap",
     "bias/counterfactual_flip_rate",
     "bias/counterfactual_accuracy_gap",
+    "generation/json_valid_rate",
+    "generation/exact_match",
+    "generation/field_micro_f1",
+    "generation/reply_rouge_l",
+    "bias/max_group_field_accuracy_gap",
+    "bias/counterfactual_field_change_rate",
 )
 MAX_TAG_VALUE = 5000
 EXACT_TEST_BELOW = 25
@@ -63,6 +71,10 @@ class Comparison:
     prod_only_correct: int
     p_value: float
     verdict: str  # "improvement", "regression" or "no significant difference"
+    # What was compared per example, and how: a classifier's correctness with McNemar's test, a
+    # generator's field accuracy with the Wilcoxon signed-rank test (`compare_generations`).
+    score: str = "accuracy"
+    test: str = "McNemar"
 
 
 @dataclass
@@ -126,6 +138,41 @@ def compare_with_prod(
     )
 
 
+def compare_generations(
+    candidate: np.ndarray,
+    prod: np.ndarray,
+    prod_version: str,
+    significance_level: float,
+    min_improvement: float,
+) -> Comparison:
+    """A generator against prod on per-example field accuracy of the same test messages.
+
+    `evaluation.generation.compare_paired` (Wilcoxon signed-rank, bootstrap interval), reported in the
+    classifier's terms so the same rules decide `dev`: "better" is an improvement when it is at least
+    ``min_improvement``, "worse" a regression.
+    """
+    paired = compare_paired(candidate, prod, significance_level)
+    delta = paired["mean_difference"]
+    if paired["verdict"] == "worse":
+        verdict = "regression"
+    elif paired["verdict"] == "better" and delta >= min_improvement:
+        verdict = "improvement"
+    else:
+        verdict = "no significant difference"
+    return Comparison(
+        prod_version=prod_version,
+        candidate_accuracy=paired["candidate_mean"],
+        prod_accuracy=paired["champion_mean"],
+        delta_accuracy=delta,
+        candidate_only_correct=int(np.sum(np.asarray(candidate) > np.asarray(prod))),
+        prod_only_correct=int(np.sum(np.asarray(candidate) < np.asarray(prod))),
+        p_value=paired["p_value"],
+        verdict=verdict,
+        score="field accuracy",
+        test="Wilcoxon",
+    )
+
+
 def dev_decision(gates: dict, comparison: Comparison | None, require_improvement: bool) -> list[str]:
     """Why a candidate may not become `dev`; an empty list means it may."""
     reasons = [f"gate failed: {reason}" for reason in gates.get("reasons", [])]
@@ -134,13 +181,14 @@ def dev_decision(gates: dict, comparison: Comparison | None, require_improvement
     if comparison is not None:
         if comparison.verdict == "regression":
             reasons.append(
-                f"significant regression against prod v{comparison.prod_version}: accuracy "
-                f"{comparison.delta_accuracy:+.4f}, McNemar p = {comparison.p_value:.4g}"
+                f"significant regression against prod v{comparison.prod_version}: {comparison.score} "
+                f"{comparison.delta_accuracy:+.4f}, {comparison.test} p = {comparison.p_value:.4g}"
             )
         elif require_improvement and comparison.verdict != "improvement":
             reasons.append(
                 f"not a significant improvement over prod v{comparison.prod_version} "
-                f"(accuracy {comparison.delta_accuracy:+.4f}, McNemar p = {comparison.p_value:.4g}) "
+                f"({comparison.score} {comparison.delta_accuracy:+.4f}, {comparison.test} p = "
+                f"{comparison.p_value:.4g}) "
                 "and registry.require_improvement is set"
             )
     return reasons
@@ -149,11 +197,22 @@ def dev_decision(gates: dict, comparison: Comparison | None, require_improvement
 def _bias_lines(bias: dict) -> list[str]:
     lines = []
     for column, report in sorted(bias.get("groups", {}).items()):
+        if "field_accuracy_gap" in report:
+            lines.append(
+                f"- group `{column}`: field accuracy gap {report['field_accuracy_gap']:.4f}, "
+                f"exact match gap {report.get('exact_gap', float('nan')):.4f}"
+            )
+            continue
         lines.append(
             f"- group `{column}`: accuracy gap {report.get('accuracy_gap', float('nan')):.4f}, "
             f"macro-F1 gap {report.get('macro_f1_gap', float('nan')):.4f}"
         )
     for attribute, report in sorted(bias.get("counterfactual", {}).items()):
+        if "field_change_rate" in report:
+            lines.append(
+                f"- counterfactual `{attribute}`: field change rate {report['field_change_rate']:.4f}"
+            )
+            continue
         lines.append(
             f"- counterfactual `{attribute}`: flip rate {report.get('flip_rate', float('nan')):.4f}"
             + (
@@ -212,16 +271,17 @@ def evaluation_card(
         lines.append(f"- {'ok' if gate['passed'] else '**FAILED**'} `{gate['name']}`: {gate['reason']}")
     if not gates.get("gates"):
         lines.append(f"- passed: {gates.get('passed')}")
-    lines += ["", "## Champion / challenger (frozen test set, McNemar)", ""]
+    test = comparison.test if comparison is not None else "paired test"
+    lines += ["", f"## Champion / challenger (frozen test set, {test})", ""]
     if comparison is None:
         lines.append("- no `prod` version yet: nothing to compare with")
     else:
         lines += [
             f"- prod version: {comparison.prod_version}",
-            f"- accuracy: candidate {comparison.candidate_accuracy:.4f}, "
+            f"- {comparison.score}: candidate {comparison.candidate_accuracy:.4f}, "
             f"prod {comparison.prod_accuracy:.4f}, delta {comparison.delta_accuracy:+.4f}",
-            f"- discordant pairs: candidate-only correct {comparison.candidate_only_correct}, "
-            f"prod-only correct {comparison.prod_only_correct}",
+            f"- examples where they differ: candidate better {comparison.candidate_only_correct}, "
+            f"prod better {comparison.prod_only_correct}",
             f"- p-value {comparison.p_value:.4g}: **{comparison.verdict}**",
         ]
     lines += ["", "## Bias", "", *_bias_lines(bias)]
@@ -257,7 +317,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="tuneloop intent classifier (LoRA pyfunc)")
+            client.create_registered_model(name, description="tuneloop model (LoRA fine-tuned pyfunc)")
         except MlflowException as race:
             if race.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -266,6 +326,12 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 def _predict_labels(model_uri: str, texts: list[str]) -> np.ndarray:
     model = mlflow.pyfunc.load_model(model_uri)
     return model.predict(pd.DataFrame({"text": texts}))["label"].to_numpy()
+
+
+def _field_accuracy(model_uri: str, messages: list[str], targets: list[str]) -> pd.DataFrame:
+    """Per-example scores of a logged generation model's answers (`evaluation.generation`)."""
+    answers = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": messages}))
+    return per_example_scores(answers["generated"].astype(str).tolist(), targets)
 
 
 def register_candidate(
@@ -285,28 +351,50 @@ def register_candidate(
 
     The fluent MLflow API and ``client`` must point at the same tracking server.
     """
-    run_id = read_json(Path(adapter_dir) / MANIFEST_FILE)["mlflow_run_id"]
+    manifest = read_json(Path(adapter_dir) / MANIFEST_FILE)
+    run_id = manifest["mlflow_run_id"]
+    generates = manifest.get("task") == GENERATION_TASK
     name = params.model_name
     with mlflow.start_run(run_id=run_id):
-        info = log_intent_model(Path(adapter_dir), base, serving)
+        if generates:
+            info = log_generation_model(Path(adapter_dir), serving)
+        else:
+            info = log_intent_model(Path(adapter_dir), base, serving)
     texts = test_frame["text"].astype(str).tolist()
-    y_true = test_frame["label"].astype(str).to_numpy()
-    candidate_labels = _predict_labels(info.model_uri, texts)
 
     _ensure_registered_model(client, name)
     prod = current_version(client, name, PROD_ALIAS)
     comparison = None
     prod_metrics: dict[str, float] = {}
+    if generates:
+        # A generator's test frame has the reference answers in `target` (register_workspace).
+        targets = test_frame["target"].astype(str).tolist()
+        candidate_scores = _field_accuracy(info.model_uri, texts, targets)
+        frozen_test_accuracy = float(candidate_scores["exact"].mean())
+        if prod is not None:
+            prod_scores = _field_accuracy(f"models:/{name}/{prod.version}", texts, targets)
+            comparison = compare_generations(
+                candidate_scores["field_accuracy"].to_numpy(),
+                prod_scores["field_accuracy"].to_numpy(),
+                prod.version,
+                params.significance_level,
+                params.min_improvement,
+            )
+    else:
+        y_true = test_frame["label"].astype(str).to_numpy()
+        candidate_labels = _predict_labels(info.model_uri, texts)
+        frozen_test_accuracy = float(np.mean(candidate_labels == y_true))
+        if prod is not None:
+            prod_labels = _predict_labels(f"models:/{name}/{prod.version}", texts)
+            comparison = compare_with_prod(
+                y_true,
+                candidate_labels,
+                prod_labels,
+                prod.version,
+                params.significance_level,
+                params.min_improvement,
+            )
     if prod is not None:
-        prod_labels = _predict_labels(f"models:/{name}/{prod.version}", texts)
-        comparison = compare_with_prod(
-            y_true,
-            candidate_labels,
-            prod_labels,
-            prod.version,
-            params.significance_level,
-            params.min_improvement,
-        )
         prod_metrics = metrics_from_tags(prod.tags)
     reasons = dev_decision(gates, comparison, params.require_improvement)
     card = evaluation_card(
@@ -320,7 +408,9 @@ def register_candidate(
         "tuneloop.dvc_lock_md5": lineage.dvc_lock_md5,
         "tuneloop.gates_passed": str(bool(gates.get("passed"))).lower(),
         "tuneloop.gates_failed": ",".join(gates.get("failed", [])),
-        "tuneloop.frozen_test_accuracy": f"{float(np.mean(candidate_labels == y_true)):.6f}",
+        # A generator's "accuracy" on the frozen test set is its exact-match rate.
+        "tuneloop.frozen_test_accuracy": f"{frozen_test_accuracy:.6f}",
+        "tuneloop.task": GENERATION_TASK if generates else "classification",
         "tuneloop.evaluation_card": card[:MAX_TAG_VALUE],
         **metric_tags(metrics),
     }
@@ -425,11 +515,16 @@ def register_workspace(project_dir: Path, params: Params, client: MlflowClient) 
         raise FileNotFoundError(f"{lock} is missing: run the pipeline (`tuneloop run`) before registering")
     with mlflow.start_run(run_id=run_id):
         mlflow.log_text(lock.read_text(encoding="utf-8"), "lineage/dvc.lock")
+    test_frame = pd.read_parquet(prepared / "test.parquet")
+    if params.task == "generation":
+        test_frame = test_frame.rename(
+            columns={params.generation.input_column: "text", params.generation.target_column: "target"}
+        )
     registration = register_candidate(
         client,
         adapter_dir,
         params.model.base,
-        pd.read_parquet(prepared / "test.parquet"),
+        test_frame,
         read_json(metrics_dir / "evaluate.json"),
         read_json(metrics_dir / "gates.json"),
         read_json(metrics_dir / "bias.json"),

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING
 
 from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment, Params, load_params
 from tuneloop.io import read_json
-from tuneloop.paths import ADAPTER_DIR, EVALUATE_METRICS, GATES_FILE, METRICS_DIR, PREPARED_DIR, SAMPLE_DATA
+from tuneloop.paths import (
+    ADAPTER_DIR,
+    EVALUATE_METRICS,
+    GATES_FILE,
+    METRICS_DIR,
+    PREPARED_DIR,
+    SAMPLE_DATA,
+    SAMPLE_PAIRS,
+)
 from tuneloop.stores import STORE_CHOICES
 
 if TYPE_CHECKING:
@@ -41,6 +49,22 @@ def _with_venv_on_path() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+# What `tuneloop run` prints of metrics/evaluate.json, per task.
+HEADLINE_BY_TASK = {
+    "classification": (("quality/accuracy", "accuracy"), ("quality/macro_f1", "macro-F1")),
+    "generation": (
+        ("generation/json_valid_rate", "valid JSON"),
+        ("generation/exact_match", "exact match"),
+        ("generation/field_micro_f1", "field micro-F1"),
+    ),
+}
+
+
+def sample_for(task: str) -> Path:
+    """The project's own sample for a task: intents to classify, or support messages -> JSON answers."""
+    return SAMPLE_PAIRS if task == "generation" else SAMPLE_DATA
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -74,7 +98,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     params = load_params(env.project_dir / args.params)
     result = init_project(
         env.project_dir,
-        env.project_dir / args.sample,
+        env.project_dir / (args.sample or sample_for(params.task)),
         Path(params.data.raw_path),
         env.dvc_remote_url,
         remote_endpoint_url=env.s3_endpoint_url,
@@ -111,9 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         mlflow.log_text((env.project_dir / "dvc.lock").read_text(encoding="utf-8"), "lineage/dvc.lock")
     metrics = read_json(env.project_dir / EVALUATE_METRICS)
     gates = read_json(env.project_dir / GATES_FILE)
+    headline = HEADLINE_BY_TASK[load_params(env.project_dir / args.params).task]
     print(
-        f"MLflow run {run.info.run_id} in {env.tracking_uri}: accuracy {metrics['quality/accuracy']:.4f}, "
-        f"macro-F1 {metrics['quality/macro_f1']:.4f}; gates "
+        f"MLflow run {run.info.run_id} in {env.tracking_uri}: "
+        + ", ".join(f"{label} {metrics[key]:.4f}" for key, label in headline)
+        + "; gates "
         + ("passed" if gates["passed"] else "FAILED: " + "; ".join(gates["reasons"]))
     )
     print(f"Browse it with: mlflow ui --backend-store-uri {env.tracking_uri}")
@@ -146,7 +172,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             to=args.to,
             version=args.version,
             reason=args.reason,
-            gate_thresholds=params.evaluate.gate_thresholds(),
+            gate_thresholds=params.evaluate.gate_thresholds(params.task),
         )
     except PromotionRefused as refused:
         print(str(refused), file=sys.stderr)
@@ -223,7 +249,9 @@ def _serving_vetter(env: Environment, params: Params, alias: str) -> Callable[[s
     from registry.server_rules import registry_vetter
 
     client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
-    return registry_vetter(client, params.registry.model_name, alias, params.evaluate.gate_thresholds())
+    return registry_vetter(
+        client, params.registry.model_name, alias, params.evaluate.gate_thresholds(params.task)
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -493,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="make this a DVC repo, add the sample data, push to the remote")
-    init.add_argument("--sample", default=str(SAMPLE_DATA))
+    init.add_argument(
+        "--sample",
+        help=f"default: {SAMPLE_DATA} for `task: classification`, {SAMPLE_PAIRS} for `task: generation`",
+    )
     init.add_argument("--data", type=Path, help="your own CSV/Parquet/JSONL instead of the sample")
     init.add_argument("--text-column", help="with --data: the column holding the text")
     init.add_argument("--label-column", help="with --data: the column holding the label")
@@ -517,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(handler=cmd_reproduce)
 
     run = commands.add_parser("run", help="init, then run the whole pipeline with `dvc repro`")
-    run.add_argument("--sample", default=str(SAMPLE_DATA))
+    run.add_argument(
+        "--sample",
+        help=f"default: {SAMPLE_DATA} for `task: classification`, {SAMPLE_PAIRS} for `task: generation`",
+    )
     run.add_argument("--skip-init", action="store_true")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.set_defaults(handler=cmd_run)

@@ -26,6 +26,10 @@ DEFAULT_S3_PORT = 9090
 WORK_POOL_ENV = "TUNELOOP_WORK_POOL"
 
 
+# What the pipeline fine-tunes for: labels for texts, or generated answers for messages.
+Task = Literal["classification", "generation"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -124,6 +128,17 @@ class GateParams(_Frozen):
     max_expected_calibration_error: float
 
 
+class GenerationGateParams(_Frozen):
+    """Gates of a generation model (`task: generation`; metrics of pipelines/evaluate_generation.py)."""
+
+    min_json_valid_rate: float = Field(ge=0, le=1)
+    min_exact_match: float = Field(ge=0, le=1)
+    min_field_micro_f1: float = Field(ge=0, le=1)
+    min_reply_rouge_l: float = Field(ge=0, le=1)
+    max_group_field_accuracy_gap: float = Field(ge=0, le=1)
+    max_counterfactual_field_change_rate: float = Field(ge=0, le=1)
+
+
 class BehaviouralGateParams(_Frozen):
     """Optional gates on behavioural failure rates; None = report only, not checked."""
 
@@ -165,11 +180,13 @@ class EvaluateParams(_Frozen):
     batch_size: int = Field(ge=1)
     counterfactual: CounterfactualParams
     gates: GateParams
+    generation_gates: GenerationGateParams
     behavioural: BehaviouralParams
 
-    def gate_thresholds(self) -> dict[str, float | None]:
-        """Every gate a model must pass (quality, bias and behavioural), by gate name."""
-        return {**self.gates.model_dump(), **self.behavioural.gates.model_dump()}
+    def gate_thresholds(self, task: Task) -> dict[str, float | None]:
+        """Every gate a model of ``task`` must pass (quality, bias and behavioural), by gate name."""
+        task_gates = self.generation_gates if task == "generation" else self.gates
+        return {**task_gates.model_dump(), **self.behavioural.gates.model_dump()}
 
 
 class ModelGateParams(_Frozen):
@@ -211,6 +228,12 @@ class GatewayParams(_Frozen):
     log_dead_letter_path: str | None
     # Inference and feedback rows older than this are deleted by the retention flow.
     log_retention_days: float = Field(gt=0)
+    # /v1/generate: most new tokens one answer may ask for (more is a 422 that names this limit).
+    max_new_tokens: int = Field(160, ge=1)
+    # /v1/generate's own token bucket per API key / token subject, in generated tokens: each text
+    # reserves its max_new_tokens before the model runs; the part not generated is given back after.
+    generate_tokens_per_s: float = Field(200.0, gt=0)
+    generate_token_burst: int = Field(10240, ge=1)
 
 
 class RegistryParams(_Frozen):
@@ -295,6 +318,7 @@ class OrchestrationParams(_Frozen):
 
 
 class Params(_Frozen):
+    task: Task = "classification"
     data: DataParams
     prepare: PrepareParams
     validate_: ValidateParams = Field(alias="validate")

@@ -28,6 +28,8 @@ REPORTS_DIR = Path("reports")
 # The project's own sample data (in git), and its drifted batch for the drift scenarios.
 SAMPLE_DATA = Path("data/sample/intents.csv")
 DRIFTED_SAMPLE = Path("data/sample/drifted.csv")
+# `task: generation`: customer messages -> the support tool's JSON (data/sample/SUPPORT_PAIRS_CARD.md).
+SAMPLE_PAIRS = Path("data/sample/support-pairs.csv")
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
             registry_version_resolver(server["url"], NAME, "prod"),
             model_server_launcher(server["url"], NAME, tmp_path / "serving", serving_settings),
             serving_settings,
-            vet=registry_vetter(client, NAME, "prod", PARAMS.evaluate.gate_thresholds()),
+            vet=registry_vetter(client, NAME, "prod", PARAMS.evaluate.gate_thresholds(PARAMS.task)),
         )
         app = create_app(
             pool,

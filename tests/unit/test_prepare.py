@@ -1,8 +1,10 @@
+import json
+
 import pandas as pd
 import pytest
 import yaml
 
-from pipelines.prepare import map_columns, split_stratified
+from pipelines.prepare import map_columns, prepare_pairs, split_stratified
 from tests.support import REPO_ROOT, settings
 from tuneloop.text import normalise_whitespace
 
@@ -127,3 +129,34 @@ def test_the_stage_refuses_to_redraw_a_test_split_without_a_frozen_file(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="data.test_path is not set"):
         main(["--params", "params.yaml", "--out-dir", str(tmp_path / "out")])
+
+
+def test_pairs_are_deduplicated_kept_apart_from_the_test_file_and_split_by_intent(tmp_path):
+    """`task: generation` on the pairs sample, with copies of test messages slipped into the raw file."""
+    generation = settings("generation")
+    raw = pd.read_csv(REPO_ROOT / "data/sample/support-pairs.csv")
+    test = pd.read_csv(REPO_ROOT / "data/sample/support-pairs-test.csv")
+    leaked = test.head(3).assign(message=lambda frame: frame["message"].str.upper())
+    raw_path = tmp_path / "pairs.csv"
+    pd.concat([raw, raw.head(5), leaked]).to_csv(raw_path, index=False)
+    test_path = tmp_path / "pairs-test.csv"
+    test.to_csv(test_path, index=False)
+
+    result = prepare_pairs(raw_path, generation, ("channel",), settings("prepare"), test_path)
+
+    assert (result.dropped_duplicates, result.dropped_test_overlap) == (5, 3)
+    train, val, frozen = (result.splits[name] for name in ("train", "val", "test"))
+    assert len(train) + len(val) == len(raw) and len(frozen) == len(test)
+    assert list(train.columns) == ["message", "target", "channel"]
+    intents = {
+        name: part["target"].map(lambda t: json.loads(t)["intent"]) for name, part in result.splits.items()
+    }
+    assert set(intents["val"]) == set(intents["train"])  # stratified: every intent is validated on
+    assert result.label_names == ()
+
+
+def test_pairs_without_the_configured_columns_are_refused_by_name(tmp_path):
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame({"text": ["hi"], "answer": ["{}"]}).to_csv(path, index=False)
+    with pytest.raises(KeyError, match=r"\['message', 'target'\].*generation.input_column"):
+        prepare_pairs(path, settings("generation"), (), settings("prepare"), path)

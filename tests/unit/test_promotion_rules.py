@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from registry.promote import VersionFacts, promotion_refusals, rollback_refusals
-from registry.register import compare_with_prod, dev_decision, metric_tags, metrics_from_tags
+from registry.register import (
+    compare_generations,
+    compare_with_prod,
+    dev_decision,
+    metric_tags,
+    metrics_from_tags,
+)
 
 GOOD_METRICS = {"quality/accuracy": 0.9, "quality/macro_f1": 0.88}
 GOOD_TAGS = {
@@ -132,3 +138,34 @@ def test_failed_gates_block_dev_with_their_reasons():
     assert dev_decision(gates, None, require_improvement=False) == [
         "gate failed: quality/accuracy = 0.5 ... FAILED"
     ]
+
+
+def _field_accuracy(better: int, worse: int, same: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example field accuracy of a candidate and prod: ``better`` examples up, ``worse`` down."""
+    prod = np.full(better + worse + same, 0.6)
+    candidate = np.concatenate([np.full(better, 1.0), np.full(worse, 0.2), np.full(same, 0.6)])
+    return candidate, prod
+
+
+def test_a_generator_compared_on_identical_scores_is_no_difference():
+    candidate, _ = _field_accuracy(0, 0)
+    result = compare_generations(candidate, candidate, "1", 0.05, 0.0)
+    assert result.p_value == 1.0 and result.verdict == "no significant difference"
+    assert (result.test, result.score) == ("Wilcoxon", "field accuracy")
+
+
+def test_a_generator_that_answers_worse_is_a_regression_named_by_its_test():
+    result = compare_generations(*_field_accuracy(2, 25), "4", 0.05, 0.0)
+    assert result.verdict == "regression" and result.delta_accuracy < 0
+    assert (result.candidate_only_correct, result.prod_only_correct) == (2, 25)
+    reasons = dev_decision({"passed": True}, result, require_improvement=False)
+    assert reasons == [
+        f"significant regression against prod v4: field accuracy {result.delta_accuracy:+.4f}, "
+        f"Wilcoxon p = {result.p_value:.4g}"
+    ]
+
+
+def test_a_generator_that_answers_better_is_an_improvement_unless_below_the_minimum():
+    paired = _field_accuracy(25, 2)
+    assert compare_generations(*paired, "1", 0.05, 0.0).verdict == "improvement"
+    assert compare_generations(*paired, "1", 0.05, 0.5).verdict == "no significant difference"
