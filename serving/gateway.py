@@ -5,7 +5,10 @@ alias move never changes the address and never drops a request. Routing and swap
 :mod:`serving.routing` and :mod:`serving.supervisor`; this app adds what production traffic needs:
 
 - auth (:mod:`serving.auth`) on every endpoint but ``/healthz``, ``/readyz`` and the OpenAPI docs:
-  ``predict`` for predictions, ``feedback`` for true labels, ``admin`` for ``/metrics`` and ``/v1/status``;
+  ``predict`` for predictions and generations, ``feedback`` for true labels and verdicts on generated
+  answers, ``admin`` for ``/metrics`` and ``/v1/status``;
+- ``POST /v1/generate`` for generation models (answers to messages; see :func:`create_app`'s
+  ``generate``), held to the same text limits, charged in generated tokens on a bucket of its own;
 - limits (:mod:`serving.limits`): per-credential rate charged per text, body size, content type,
   UTF-8, control characters, text length, batch size — each refusal a 4xx whose JSON body says what
   was wrong; ``/v1/predict`` and ``/invocations`` (JSON or CSV) are held to the same rules;
@@ -28,7 +31,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,23 +94,35 @@ SubjectHeader = Annotated[
 ]
 
 
-class PredictRequest(BaseModel):
-    """One text (``text``) or a batch (``texts``); ``top_k`` alternatives per text."""
+class TextsInput(BaseModel):
+    """One text (``text``) or a batch (``texts``), exactly one of them."""
 
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = None
     texts: list[str] | None = Field(None, min_length=1)
-    top_k: int | None = Field(None, ge=1, le=100)
 
     @model_validator(mode="after")
-    def _exactly_one_input(self) -> PredictRequest:
+    def _exactly_one_input(self) -> TextsInput:
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of `text` (a string) or `texts` (a list of strings)")
         return self
 
     def all_texts(self) -> list[str]:
         return [self.text] if self.text is not None else list(self.texts or [])
+
+
+class PredictRequest(TextsInput):
+    """One text (``text``) or a batch (``texts``); ``top_k`` alternatives per text."""
+
+    top_k: int | None = Field(None, ge=1, le=100)
+
+
+class GenerateRequest(TextsInput):
+    """One message (``text``) or a batch (``texts``); at most ``max_new_tokens`` new tokens per answer
+    (default and ceiling: ``gateway.max_new_tokens``)."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
 
 
 class RefusalBody(BaseModel):
@@ -131,6 +146,7 @@ _REFUSAL_DESCRIPTIONS = {
     401: "Missing or invalid credentials",
     403: "The credentials lack the scope",
     404: "Unknown request id (or another caller's)",
+    409: "The served model does the other task (a classifier for /v1/generate, a generator for prediction)",
     413: "Body too large",
     415: "Unsupported content type",
     422: "The body does not match the schema or breaks a limit",
@@ -165,9 +181,9 @@ def text_schemas(limits: TextLimits) -> tuple[dict, dict]:
     return text, {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_batch_size}
 
 
-def predict_request_schema(limits: TextLimits) -> dict:
-    """PredictRequest's schema with the limits filled in and "exactly one of text or texts" spelled out."""
-    schema = PredictRequest.model_json_schema()
+def predict_request_schema(limits: TextLimits, model: type[TextsInput] = PredictRequest) -> dict:
+    """``model``'s schema with the limits filled in and "exactly one of text or texts" spelled out."""
+    schema = model.model_json_schema()
     text, texts = text_schemas(limits)
     schema["properties"]["text"] = {"anyOf": [text, {"type": "null"}], "default": None}
     schema["properties"]["texts"] = {"anyOf": [texts, {"type": "null"}], "default": None}
@@ -175,6 +191,17 @@ def predict_request_schema(limits: TextLimits) -> dict:
     given["texts"] = {"required": ["texts"], "properties": {"texts": {"type": "array"}}}
     # A null counts as absent, as PredictRequest reads it.
     schema["oneOf"] = [given["text"] | {"not": given["texts"]}, given["texts"] | {"not": given["text"]}]
+    return schema
+
+
+def generate_request_schema(limits: TextLimits, max_new_tokens: int) -> dict:
+    """GenerateRequest's schema with the text limits and the ``max_new_tokens`` ceiling filled in."""
+    schema = predict_request_schema(limits, GenerateRequest)
+    schema["properties"]["max_new_tokens"] = {
+        "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_new_tokens}, {"type": "null"}],
+        "default": None,
+        "description": f"New tokens per answer at most (1 to {max_new_tokens}; default {max_new_tokens})",
+    }
     return schema
 
 
@@ -269,29 +296,172 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class GeneratedAnswer(BaseModel):
+    """One answer: its text, the prompt's and the answer's token counts, and whether it is a JSON object."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    valid_json: bool
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    model_name: str
+    model_version: str
+    generations: list[GeneratedAnswer]
+
+
+FEEDBACK_KINDS = ("true_label", "accepted", "edited_output")
+
+
 class FeedbackRequest(BaseModel):
-    """The true label of one predicted text: the ``request_id`` of its answer and its index in the batch."""
+    """Feedback on one answered text: the ``request_id`` of its answer and its index in the batch, with
+    exactly one of ``true_label`` (a prediction's true label), ``accepted`` (a generated answer was
+    right as it was: true, or wrong: false) or ``edited_output`` (a generated answer, corrected)."""
 
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     item_index: int = Field(0, ge=0)
-    true_label: str = Field(min_length=1, max_length=256)
+    true_label: str | None = Field(None, min_length=1, max_length=256)
+    accepted: bool | None = None
+    edited_output: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> FeedbackRequest:
+        given = [kind for kind in FEEDBACK_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `true_label` (a prediction), `accepted` or `edited_output` "
+                "(a generation)"
+            )
+        return self
+
+    @property
+    def about_generation(self) -> bool:
+        return self.true_label is None
 
 
 class FeedbackResponse(BaseModel):
     request_id: str
     feedback_for: str
     item_index: int
-    true_label: str
+    true_label: str | None = None
+    accepted: bool | None = None
+    edited: bool = False
     status: str = "accepted"
+
+
+def feedback_request_schema(labels: Iterable[str], max_output_chars: int) -> dict:
+    """FeedbackRequest's schema with the label set, the length limit and "exactly one of" spelled out."""
+    schema = FeedbackRequest.model_json_schema()
+    properties = schema["properties"]
+    properties["true_label"] = {"anyOf": [{"type": "string", "enum": sorted(labels)}, {"type": "null"}]}
+    properties["edited_output"] = {
+        "anyOf": [
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": max_output_chars,
+                "pattern": _NO_CONTROL_CHARACTERS,
+            },
+            {"type": "null"},
+        ]
+    }
+    given = {
+        "true_label": {"type": "string"},
+        "accepted": {"type": "boolean"},
+        "edited_output": {"type": "string"},
+    }
+    present = {kind: {"required": [kind], "properties": {kind: value}} for kind, value in given.items()}
+    # A null counts as absent, as FeedbackRequest reads it.
+    schema["oneOf"] = [
+        present[kind] | {"not": {"anyOf": [present[other] for other in given if other != kind]}}
+        for kind in given
+    ]
+    return schema
+
+
+def is_json_object(text: str) -> bool:
+    """Whether ``text`` (surrounding white space aside) is exactly one JSON object.
+
+    The gateway checks the form only; whether the object has the fields a task expects is the
+    evaluation's business (``evaluation.generation.is_valid``, which serving may not import).
+    """
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+_WRONG_TASK = {
+    "classification": "the served model is a classifier; use /v1/predict",
+    "generation": "the served model generates text; use /v1/generate",
+}
+
+
+def served_task(payload: object) -> str | None:
+    """``generation`` or ``classification`` from the rows of a model server's answer; None if neither."""
+    rows = payload.get("predictions") if isinstance(payload, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+        return None
+    if all("generated" in row for row in rows):
+        return "generation"
+    if all("label" in row for row in rows):
+        return "classification"
+    return None
+
+
+def wrong_task(task: str) -> Refusal:
+    return Refusal(409, "wrong_model_task", _WRONG_TASK[task], served_task=task)
+
+
+def generations_from_server(payload: object, expected: int) -> list[GeneratedAnswer]:
+    """The generation pyfunc's rows (``generated``, ``prompt_tokens``, ``new_tokens``) as answers.
+
+    A classifier's rows are a 409 that says to use /v1/predict; any other shape, or another number of
+    rows than texts, is the model server's failure (502).
+    """
+    if served_task(payload) == "classification":
+        raise wrong_task("classification")
+    try:
+        rows = payload["predictions"]  # type: ignore[index]
+        answers = [
+            GeneratedAnswer(
+                text=row["generated"],
+                prompt_tokens=row["prompt_tokens"],
+                new_tokens=row["new_tokens"],
+                valid_json=is_json_object(row["generated"]),
+            )
+            for row in rows
+        ]
+    except (KeyError, TypeError, ValidationError) as error:
+        log.error("model server answered with an unexpected shape: %r", error)
+        raise Refusal(
+            502, "upstream_error", "the model server gave an answer the gateway cannot read"
+        ) from error
+    if len(answers) != expected:
+        raise Refusal(502, "upstream_error", "the model server answered a different number of texts")
+    return answers
+
+
+def generation_body(texts: Sequence[str], max_new_tokens: int) -> dict:
+    """The generation pyfunc's input: one ``text`` column, and the new-token budget as a param."""
+    return {
+        "dataframe_split": {"columns": ["text"], "data": [[text] for text in texts]},
+        "params": {"max_new_tokens": max_new_tokens},
+    }
 
 
 def predictions_from_server(payload: object) -> list[Prediction]:
     """The pyfunc's rows (``top_k`` is a JSON string so every MLflow format carries it) as objects.
 
-    An answer of another shape is the model server's failure (502), never a 500 of ours.
+    An answer of another shape is the model server's failure (502), never a 500 of ours; a generation
+    model's answer is a 409 that says to use /v1/generate.
     """
+    if served_task(payload) == "generation":
+        raise wrong_task("generation")
     try:
         rows = payload["predictions"]  # type: ignore[index]
         return [
@@ -403,6 +573,10 @@ def create_app(
     if drift_summary_path is not None:
         metrics.watch_drift(drift_summary_path)
     limiter = TokenBucketLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    # /v1/generate's own bucket, counted in generated tokens (see `generate`).
+    token_limiter = TokenBucketLimiter(
+        settings.generate_tokens_per_s, settings.generate_token_burst, unit="tokens"
+    )
     text_limits = TextLimits(settings.max_text_chars, settings.max_batch_size)
     known_labels = frozenset(labels)
 
@@ -489,6 +663,13 @@ def create_app(
         return principal
 
     predict_caller = rate_limited("predict")
+    authenticate_predict = authenticator.require("predict")
+
+    async def generate_caller(principal: Principal = Depends(authenticate_predict)) -> Principal:  # noqa: B008 - FastAPI DI
+        """Scope ``predict``; a caller without a generated token left is refused before its body is read."""
+        token_limiter.check(principal.rate_limit_key, take=False)
+        return principal
+
     feedback_caller = rate_limited("feedback")
     admin_caller = authenticator.require("admin")
 
@@ -529,6 +710,40 @@ def create_app(
             metrics.predictions.labels(record.label, version).inc()
         await inference_log.asubmit(records)
 
+    async def log_generations(
+        request: Request,
+        texts: Sequence[str],
+        answers: list[GeneratedAnswer],
+        version: str,
+        subject: str | None,
+    ) -> None:
+        created_at = request.state.created_at
+        latency_ms = (time.perf_counter() - request.state.started) * 1000
+        principal: Principal = request.state.principal
+        records = [
+            PredictionRecord(
+                request_id=request.state.request_id,
+                item_index=index,
+                created_at=created_at,
+                model_name=pool.model_name,
+                model_version=version,
+                text=text,
+                label="",
+                score=0.0,
+                latency_ms=latency_ms,
+                principal=principal.id,
+                subject=subject,
+                generated=answer.text,
+                prompt_tokens=answer.prompt_tokens,
+                new_tokens=answer.new_tokens,
+            )
+            for index, (text, answer) in enumerate(zip(texts, answers, strict=True))
+        ]
+        for answer in answers:
+            metrics.generations.labels(version, str(answer.valid_json).lower()).inc()
+            metrics.generated_tokens.labels(version).inc(answer.new_tokens)
+        await inference_log.asubmit(records)
+
     predict_schema = {"content": {"application/json": {"schema": predict_request_schema(text_limits)}}}
 
     @app.post(
@@ -536,7 +751,7 @@ def create_app(
         response_model=PredictResponse,
         dependencies=[Depends(predict_caller)],
         openapi_extra={"requestBody": {"required": True, **predict_schema}},
-        responses=_refusals(400, 413, 415, 422, 502, *_AUTH_REFUSALS),
+        responses=_refusals(400, 409, 413, 415, 422, 502, *_AUTH_REFUSALS),
     )
     async def predict(request: Request, subject: SubjectHeader = None) -> PredictResponse:
         """Label one text or a batch. Needs scope ``predict``; costs one rate-limit token per text."""
@@ -566,7 +781,7 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": invocation_content(text_limits)}},
         responses={
             200: {"description": "MLflow's answer, unchanged", "content": {"application/json": {}}},
-            **_refusals(400, 413, 415, 422, 502, *_AUTH_REFUSALS),
+            **_refusals(400, 409, 413, 415, 422, 502, *_AUTH_REFUSALS),
         },
     )
     async def invocations(request: Request, subject: SubjectHeader = None) -> Response:
@@ -612,6 +827,8 @@ def create_app(
         if upstream.status_code != 200:
             raise _upstream_refusal(upstream)
         rows = _prediction_rows(upstream)
+        if rows is None and served_task(_json_or_none(upstream)) == "generation":
+            raise wrong_task("generation")
         if rows is None or len(rows) != len(texts):
             raise Refusal(502, "upstream_error", "the model server answered a different number of texts")
         await log_predictions(request, texts, rows, version, subject)
@@ -622,8 +839,81 @@ def create_app(
             headers={MODEL_VERSION_HEADER: version},
         )
 
-    feedback_body = FeedbackRequest.model_json_schema()
-    feedback_body["properties"]["true_label"] = {"type": "string", "enum": sorted(known_labels)}
+    generate_schema = {
+        "content": {
+            "application/json": {"schema": generate_request_schema(text_limits, settings.max_new_tokens)}
+        }
+    }
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        openapi_extra={"requestBody": {"required": True, **generate_schema}},
+        responses=_refusals(400, 409, 413, 415, 422, 502, *_AUTH_REFUSALS),
+    )
+    async def generate(
+        request: Request,
+        response: Response,
+        principal: Principal = Depends(generate_caller),  # noqa: B008 - FastAPI DI, see rate_limited
+        subject: SubjectHeader = None,
+    ) -> GenerateResponse:
+        """Answer one message or a batch with the served generation model. Needs scope ``predict``.
+
+        Body: ``text`` or ``texts`` (the same limits as ``/v1/predict``: characters per text, batch
+        size, body bytes) and optional ``max_new_tokens`` (1 to ``gateway.max_new_tokens``, which is
+        also the default; above it a 422 that says the limit). The model may stop earlier, at its own
+        ``generation.max_new_tokens`` or at the end of the answer.
+
+        Input tokens: the gateway has no tokenizer, so it bounds the input in characters; the model
+        cuts each prompt from the left to its ``generation.max_input_tokens`` (the end of the message,
+        where the answer starts, is kept). ``prompt_tokens`` in the answer is what it kept.
+
+        Rate limit: a bucket of generated tokens per caller (``gateway.generate_tokens_per_s``,
+        ``generate_token_burst``), separate from the texts bucket of ``/v1/predict``. Each text
+        reserves its ``max_new_tokens`` before the model runs (a request reserving more than the burst
+        is a 422, one over what is left a 429 with ``Retry-After``); once the answer is in, the tokens
+        not generated are given back, so a caller pays for the new tokens it got. A failed call gives
+        the whole reservation back.
+
+        Each answer: ``text``, ``prompt_tokens``, ``new_tokens`` and ``valid_json`` (the text is one
+        JSON object). A classifier being served is a 409. Every answer is logged (PII masked) and can
+        get ``/v1/feedback`` with ``accepted`` or ``edited_output``.
+        """
+        request.state.created_at = utc_now()
+        body = await read_json_model(request, GenerateRequest, settings.max_body_bytes)
+        texts = body.all_texts()
+        text_limits.check(texts)
+        max_new_tokens = body.max_new_tokens or settings.max_new_tokens
+        if max_new_tokens > settings.max_new_tokens:
+            raise Refusal(
+                422,
+                "max_new_tokens_too_large",
+                f"max_new_tokens is {max_new_tokens}; at most {settings.max_new_tokens}",
+                limit=settings.max_new_tokens,
+            )
+        key = principal.rate_limit_key
+        reserved = max_new_tokens * len(texts)
+        token_limiter.check(key, reserved)
+        try:
+            upstream, version = await call_model_server(generation_body(texts, max_new_tokens))
+            if upstream.status_code != 200:
+                raise _upstream_refusal(upstream)
+            answers = generations_from_server(_json_or_none(upstream), len(texts))
+        except BaseException:
+            token_limiter.give_back(key, reserved)
+            raise
+        generated = sum(min(max(answer.new_tokens, 0), max_new_tokens) for answer in answers)
+        token_limiter.give_back(key, reserved - generated)
+        await log_generations(request, texts, answers, version, subject)
+        response.headers[MODEL_VERSION_HEADER] = version
+        return GenerateResponse(
+            request_id=request.state.request_id,
+            model_name=pool.model_name,
+            model_version=version,
+            generations=answers,
+        )
+
+    feedback_body = feedback_request_schema(known_labels, settings.max_text_chars)
     feedback_schema = {"content": {"application/json": {"schema": feedback_body}}}
 
     @app.post(
@@ -634,14 +924,27 @@ def create_app(
         responses=_refusals(400, 404, 413, 415, 422, *_AUTH_REFUSALS),
     )
     async def feedback(request: Request) -> FeedbackResponse:
-        """True label of a predicted text: its answer's ``request_id``, ``item_index``. Scope ``feedback``.
+        """Feedback on an answered text: its answer's ``request_id``, ``item_index``. Scope ``feedback``.
 
-        Only on the caller's own requests (same API key or token subject); ``admin`` may label any.
+        Exactly one of ``true_label`` (a ``/v1/predict`` or ``/invocations`` answer), ``accepted``
+        (a ``/v1/generate`` answer was right as it was, or wrong) or ``edited_output`` (a generated
+        answer, corrected; at most ``max_text_chars`` characters, stored PII masked). Feedback of the
+        other task's kind is a 422. Only on the caller's own requests (same API key or token subject);
+        ``admin`` may label any.
         """
         body = await read_json_model(request, FeedbackRequest, settings.max_body_bytes)
-        check_no_control_characters(body.true_label, "true_label")
+        for kind in ("true_label", "edited_output"):
+            value = getattr(body, kind)
+            if value is not None:
+                check_no_control_characters(value, kind)
+        if body.edited_output is not None and len(body.edited_output) > settings.max_text_chars:
+            raise Refusal(
+                422,
+                "text_too_long",
+                f"edited_output has {len(body.edited_output)} characters; at most {settings.max_text_chars}",
+            )
         principal = charge(request, 1)
-        if body.true_label not in known_labels:
+        if body.true_label is not None and body.true_label not in known_labels:
             shown = sorted(known_labels)
             raise Refusal(
                 422,
@@ -662,15 +965,40 @@ def create_app(
                 f"request '{body.request_id}' predicted {owner.items} texts; "
                 f"item_index must be below {owner.items}",
             )
-        record = FeedbackRecord(body.request_id, body.item_index, body.true_label, utc_now(), principal.id)
+        if body.about_generation != owner.generation:
+            raise Refusal(
+                422,
+                "wrong_feedback_kind",
+                f"request '{body.request_id}' "
+                + (
+                    "generated text: give `accepted` or `edited_output`, not `true_label`"
+                    if owner.generation
+                    else "predicted labels: give `true_label`, not `accepted` or `edited_output`"
+                ),
+            )
+        record = FeedbackRecord(
+            body.request_id,
+            body.item_index,
+            body.true_label or "",
+            utc_now(),
+            principal.id,
+            accepted=body.accepted,
+            edited_output=body.edited_output,
+        )
         if not await inference_log.asubmit([record]):
             raise Refusal(503, "log_full", "the inference log cannot take feedback now; retry later")
-        metrics.feedback.labels(body.true_label).inc()
+        if body.true_label is not None:
+            metrics.feedback.labels(body.true_label).inc()
+        else:
+            kind = "edited" if body.edited_output is not None else "accepted" if body.accepted else "rejected"
+            metrics.generation_feedback.labels(kind).inc()
         return FeedbackResponse(
             request_id=request.state.request_id,
             feedback_for=body.request_id,
             item_index=body.item_index,
             true_label=body.true_label,
+            accepted=body.accepted,
+            edited=body.edited_output is not None,
         )
 
     @app.get(

@@ -47,6 +47,7 @@ import pandas as pd
 from filelock import FileLock
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Engine,
@@ -108,6 +109,12 @@ predictions = Table(
     # Added after the first release: nullable, so ensure_schema can add them to existing tables.
     Column("principal", String(256), nullable=True),
     Column("subject", String(256), nullable=True),
+    # Generation rows (POST /v1/generate): the answer (PII masked) and its token counts; NULL on
+    # classification rows. A generation row's label is "" and its score 0 (NOT NULL since the first
+    # release); read_window leaves generation rows out, read_generations reads them.
+    Column("generated", Text, nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("new_tokens", Integer, nullable=True),
     Index("ix_predictions_request", "request_id", "item_index"),
     Index("ix_predictions_subject", "subject"),
 )
@@ -120,6 +127,10 @@ feedback = Table(
     Column("true_label", String(256), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("principal", String(256), nullable=True),
+    # Feedback on a generation: the answer accepted as it was, or the caller's corrected text (PII
+    # masked); true_label is "" on these rows.
+    Column("accepted", Boolean, nullable=True),
+    Column("edited_output", Text, nullable=True),
     Index("ix_feedback_request", "request_id", "item_index"),
 )
 
@@ -129,6 +140,8 @@ class PredictionRecord:
     """One predicted text as the gateway saw it (``text`` raw here; masked by the writer).
 
     ``principal``: the authenticated caller; ``subject``: the end-user id the caller sent, if any.
+    A generation's row has ``generated`` (raw here; masked by the writer) and its token counts, with
+    ``label=""`` and ``score=0.0``.
     """
 
     request_id: str
@@ -142,23 +155,36 @@ class PredictionRecord:
     latency_ms: float
     principal: str | None = None
     subject: str | None = None
+    generated: str | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+
+    @property
+    def is_generation(self) -> bool:
+        return self.generated is not None
 
 
 @dataclass(frozen=True)
 class FeedbackRecord:
+    """A true label (classification), or on a generation ``accepted=True`` or ``edited_output``
+    (raw here; masked by the writer) with ``true_label=""``."""
+
     request_id: str
     item_index: int
     true_label: str
     created_at: dt.datetime
     principal: str | None = None
+    accepted: bool | None = None
+    edited_output: str | None = None
 
 
 @dataclass(frozen=True)
 class RequestOwner:
-    """How many texts a logged request predicted, and the principal that asked for them."""
+    """How many texts a logged request predicted, the principal that asked, and whether it generated."""
 
     items: int
     principal: str | None
+    generation: bool = False
 
 
 MASKING_FAILED = "<MASKING_FAILED>"
@@ -353,7 +379,9 @@ class InferenceLogWriter:
     def _remember(self, item: tuple) -> None:
         if item and isinstance(item[0], PredictionRecord):
             with self._counts_lock:
-                self._recent[item[0].request_id] = RequestOwner(len(item), item[0].principal)
+                self._recent[item[0].request_id] = RequestOwner(
+                    len(item), item[0].principal, item[0].is_generation
+                )
                 while len(self._recent) > self.RECENT_REQUESTS:
                     self._recent.popitem(last=False)
 
@@ -377,12 +405,12 @@ class InferenceLogWriter:
         if engine is None:
             return None
         with engine.connect() as connection:
-            count, principal = connection.execute(
-                select(func.count(), func.max(predictions.c.principal)).where(
-                    predictions.c.request_id == request_id
-                )
+            count, principal, generated = connection.execute(
+                select(
+                    func.count(), func.max(predictions.c.principal), func.count(predictions.c.generated)
+                ).where(predictions.c.request_id == request_id)
             ).one()
-        return RequestOwner(count, principal) if count else None
+        return RequestOwner(count, principal, bool(generated)) if count else None
 
     def items_in_request(self, request_id: str) -> int | None:
         """How many texts a request predicted (None when unknown)."""
@@ -544,6 +572,10 @@ class InferenceLogWriter:
                             "true_label": record.true_label,
                             "created_at": _to_db_time(record.created_at, engine),
                             "principal": record.principal,
+                            "accepted": record.accepted,
+                            "edited_output": (
+                                None if record.edited_output is None else self._masked(record.edited_output)
+                            ),
                         }
                     )
         return prediction_rows, feedback_rows
@@ -570,11 +602,16 @@ class InferenceLogWriter:
             "latency_ms": float(record.latency_ms),
             "principal": record.principal,
             "subject": record.subject,
+            "generated": None if record.generated is None else self._masked(record.generated),
+            "prompt_tokens": record.prompt_tokens,
+            "new_tokens": record.new_tokens,
         }
 
 
 def read_window(db_url: str, *, last_n: int | None = None, since: dt.datetime | None = None) -> pd.DataFrame:
     """Logged predictions (oldest first) with their latest feedback label (None when none was given).
+
+    Classification rows only: generation rows (``/v1/generate``) are read by :func:`read_generations`.
 
     ``last_n`` keeps the most recent n rows, ``since`` the rows created at or after that time (naive
     times are taken as UTC); both together apply both. ``created_at`` comes back as UTC timestamps.
@@ -601,6 +638,7 @@ def read_window(db_url: str, *, last_n: int | None = None, since: dt.datetime | 
             predictions.c.principal,
             feedback.c.principal.label("feedback_principal"),
         ).select_from(predictions.outerjoin(feedback, feedback.c.id == latest_feedback))
+        query = query.where(predictions.c.generated.is_(None))
         if since is not None:
             query = query.where(predictions.c.created_at >= _to_db_time(since, engine))
         query = query.order_by(predictions.c.id.desc())
@@ -613,6 +651,67 @@ def read_window(db_url: str, *, last_n: int | None = None, since: dt.datetime | 
     frame = pd.DataFrame([row[1:] for row in reversed(rows)], columns=list(WINDOW_COLUMNS))
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
     for column in ("true_label", "principal", "feedback_principal"):
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return frame
+
+
+GENERATION_COLUMNS = (
+    "request_id",
+    "item_index",
+    "created_at",
+    "model_name",
+    "model_version",
+    "text",
+    "generated",
+    "prompt_tokens",
+    "new_tokens",
+    "latency_ms",
+    "principal",
+    # The latest feedback on the answer: accepted as it was, or the corrected text (None: none given).
+    "accepted",
+    "edited_output",
+    "feedback_principal",
+)
+
+
+def read_generations(db_url: str, *, last_n: int | None = None) -> pd.DataFrame:
+    """Logged generations (oldest first; ``last_n`` most recent) with their latest feedback, if any."""
+    engine = open_engine(db_url)
+    try:
+        ensure_schema(engine)
+        later = feedback.alias("later")
+        latest_feedback = (
+            select(func.max(later.c.id))
+            .where(
+                and_(
+                    later.c.request_id == predictions.c.request_id,
+                    later.c.item_index == predictions.c.item_index,
+                )
+            )
+            .correlate(predictions)
+            .scalar_subquery()
+        )
+        query = (
+            select(
+                predictions.c.id,
+                *(predictions.c[name] for name in GENERATION_COLUMNS[:-3]),
+                feedback.c.accepted,
+                feedback.c.edited_output,
+                feedback.c.principal.label("feedback_principal"),
+            )
+            .select_from(predictions.outerjoin(feedback, feedback.c.id == latest_feedback))
+            .where(predictions.c.generated.is_not(None))
+            .order_by(predictions.c.id.desc())
+        )
+        if last_n is not None:
+            query = query.limit(last_n)
+        with engine.connect() as connection:
+            rows = connection.execute(query).all()
+    finally:
+        engine.dispose()
+    frame = pd.DataFrame([row[1:] for row in reversed(rows)], columns=list(GENERATION_COLUMNS))
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+    for column in ("principal", "accepted", "edited_output", "feedback_principal"):
         frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     return frame
 

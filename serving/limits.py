@@ -4,7 +4,9 @@ Every refusal is a :class:`Refusal`: a 4xx whose JSON body names the rule (``err
 (``detail``), never a stack trace and never the refused input echoed back (it may hold PII).
 
 The per-key rate limit is a token bucket kept in the gateway process, charged one token per predicted
-text (a batch of 50 costs 50), so batching cannot multiply a caller's allowance. It is written here
+text (a batch of 50 costs 50), so batching cannot multiply a caller's allowance. ``/v1/generate`` has
+a second bucket counted in generated tokens: it reserves the requested budget up front and gives back
+what was not generated (:meth:`TokenBucketLimiter.give_back`). It is written here
 rather than taken from the ``limits`` package because that package offers fixed and moving windows,
 not a bucket that allows a burst and then a steady rate, and one process needs no shared storage. With
 several gateway replicas each enforces its own bucket (the effective limit is replicas × rate); a
@@ -96,15 +98,26 @@ class _Bucket:
 
 
 class TokenBucketLimiter:
-    """Per-key token bucket: ``burst`` tokens at once, refilled at ``rate_per_s``."""
+    """Per-key token bucket: ``burst`` tokens at once, refilled at ``rate_per_s``.
+
+    ``unit`` names what one token stands for in refusals: ``"texts"`` for prediction, ``"tokens"``
+    for /v1/generate's bucket of generated tokens.
+    """
 
     # Buckets idle long enough to be full again carry no state; drop them past this many keys.
     MAX_TRACKED_KEYS = 10_000
 
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        unit: str = "texts",
+    ) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("rate_per_s must be > 0 and burst >= 1")
-        self.rate_per_s, self.burst, self._clock = rate_per_s, burst, clock
+        self.rate_per_s, self.burst, self._clock, self.unit = rate_per_s, burst, clock, unit
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -131,23 +144,35 @@ class TokenBucketLimiter:
     def check(self, key: str, cost: int = 1, *, take: bool = True) -> None:
         """Raise a 429 refusal with ``Retry-After`` (whole seconds, rounded up) when over the limit.
 
-        ``cost`` is the number of texts; a batch larger than the burst could never pass, so it is a
-        422 that says so rather than a 429 that would be retried forever.
+        ``cost`` is the number of texts (of ``unit``); a batch larger than the burst could never pass,
+        so it is a 422 that says so rather than a 429 that would be retried forever.
         """
         if cost > self.burst:
             raise Refusal(
                 422,
                 "batch_too_large",
-                f"{cost} texts in one request; the rate limit of these credentials allows at most "
+                f"{cost} {self.unit} in one request; the rate limit of these credentials allows at most "
                 f"{self.burst} at once",
             )
         wait_s = self.try_acquire(key, cost, take=take)
         if wait_s > 0:
             raise self.refusal(
                 wait_s,
-                f"rate limit of {self.rate_per_s:g} texts/s (burst {self.burst}) exceeded for these "
+                f"rate limit of {self.rate_per_s:g} {self.unit}/s (burst {self.burst}) exceeded for these "
                 f"credentials (this request needs {cost})",
             )
+
+    def give_back(self, key: str, tokens: float) -> None:
+        """Return ``tokens`` taken but not used (a reservation settled lower); never above the burst."""
+        if tokens <= 0:
+            return
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:  # forgotten because it was full again: nothing to return
+                return
+            now = self._clock()
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s + tokens)
+            bucket.updated = now
 
     @staticmethod
     def refusal(wait_s: float, why: str, error: str = "rate_limited") -> Refusal:

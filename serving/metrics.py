@@ -100,6 +100,24 @@ class GatewayMetrics:
             ["true_label"],
             registry=self.registry,
         )
+        self.generations = Counter(
+            "tuneloop_generations",
+            "Answers generated (/v1/generate), by model version and whether the answer is a JSON object",
+            ["model_version", "valid_json"],
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "tuneloop_generated_tokens",
+            "New tokens generated (/v1/generate), by model version",
+            ["model_version"],
+            registry=self.registry,
+        )
+        self.generation_feedback = Counter(
+            "tuneloop_generation_feedback",
+            "Feedback on generated answers, by kind (accepted, rejected, edited)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.model_info = Gauge(
             "tuneloop_model_info",
             "1 for the model version serving now (by name, alias and version)",

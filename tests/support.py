@@ -237,15 +237,17 @@ def reversed_label_copy(adapter: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path):
+def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path | None):
     """A SQLite registry in ``home`` where adapter i is version i+1 of ``name``, alias prod -> 1.
 
-    Returns the tracking URI and a client on it (the current process also points MLflow there).
+    ``base``: the classifiers' base model; None for generation adapters (logged merged into their own
+    recorded base). Returns the tracking URI and a client on it (the current process also points MLflow
+    there).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from serving.pyfunc_model import log_intent_model
+    from serving.pyfunc_model import log_generation_model, log_intent_model
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -254,10 +256,58 @@ def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path
     client.create_registered_model(name)
     for adapter in adapters:
         with mlflow.start_run(experiment_id=experiment):
-            info = log_intent_model(adapter, str(base), settings("serving"))
+            if base is None:
+                info = log_generation_model(adapter, settings("serving"))
+            else:
+                info = log_intent_model(adapter, str(base), settings("serving"))
         client.create_model_version(name, info.model_uri, info.run_id)
     client.set_registered_model_alias(name, "prod", "1")
     return uri, client
+
+
+@contextlib.contextmanager
+def gateway_process(project: Path, name: str, tracking_uri: str, home: Path) -> Iterator[dict]:
+    """`tuneloop serve --env prod` of ``name`` as a real process, following the alias every 0.5 s.
+
+    Yields its ``url``, ``process``, ``project``, ``env``, ``log`` file and admin ``headers`` (one admin
+    key: the gateway refuses anonymous calls).
+    """
+    from serving.auth import create_api_key
+    from serving.model_server import free_port
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["registry"]["model_name"] = name
+    params["serving"].update(
+        poll_interval_s=0.5, drain_timeout_s=15, start_timeout_s=180, retry_failed_after_s=900
+    )
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    api_key = create_api_key(home / "api_keys.json", "serving-test", ["admin"])
+    port = free_port()
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri, TUNELOOP_HOME=str(home), HF_HUB_OFFLINE="1")
+    log_path = project / "gateway.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "tuneloop"), "serve", "--env", "prod", "--port", str(port)],
+            cwd=project,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(f"{url}/readyz", process, 240)
+            yield {
+                "url": url,
+                "process": process,
+                "project": project,
+                "env": env,
+                "log": log_path,
+                "headers": {"X-API-Key": api_key},
+            }
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=60)
 
 
 def tracked_files() -> list[str]:

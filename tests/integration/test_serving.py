@@ -14,25 +14,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-import yaml
 
-from serving.auth import create_api_key
 from serving.inference import LABELS_FILE
 from serving.inference_log import read_window
-from serving.model_server import free_port
 from tests.support import (
     REPO_ROOT,
+    gateway_process,
     reversed_label_copy,
     sqlite_registry_with,
     two_label_slice,
-    venv_env,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -60,42 +57,8 @@ def registry(tmp_path_factory, tiny_base, tiny_adapter) -> dict:
 @pytest.fixture(scope="module")
 def gateway(registry, tmp_path_factory):
     project = tmp_path_factory.mktemp("serving-project")
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["registry"]["model_name"] = NAME
-    params["serving"].update(
-        poll_interval_s=0.5, drain_timeout_s=15, start_timeout_s=180, retry_failed_after_s=900
-    )
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    # The gateway refuses anonymous calls: one admin key (predict and /v1/status) for these tests.
-    api_key = create_api_key(registry["home"] / "api_keys.json", "serving-test", ["admin"])
-    port = free_port()
-    env = venv_env(
-        MLFLOW_TRACKING_URI=registry["uri"], TUNELOOP_HOME=str(registry["home"]), HF_HUB_OFFLINE="1"
-    )
-    log_file = open(project / "gateway.log", "w")  # noqa: SIM115 - lives as long as the process
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "tuneloop"), "serve", "--env", "prod", "--port", str(port)],
-        cwd=project,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/readyz", process, 240)
-        yield {
-            "url": url,
-            "process": process,
-            "project": project,
-            "env": env,
-            "log": project / "gateway.log",
-            "headers": {"X-API-Key": api_key},
-        }
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=60)
-        log_file.close()
+    with gateway_process(project, NAME, registry["uri"], registry["home"]) as running:
+        yield running
 
 
 @dataclass
@@ -104,15 +67,32 @@ class Answer:
     status: int
     version: str | None
     text_index: int
+    # What the answer said: the predicted label (/v1/predict), the generated text (/v1/generate).
     label: str | None
     error: str | None = None
 
 
-class RequestStream:
-    """Steady traffic through the stable address from a few threads, every answer recorded."""
+def first_label(body: dict) -> str:
+    return body["predictions"][0]["label"]
 
-    def __init__(self, url: str, texts: list[str], rate_per_s: float, threads: int, headers: dict) -> None:
-        self.url, self.texts, self.headers = url, texts, headers
+
+class RequestStream:
+    """Steady traffic through the stable address from a few threads, every answer recorded.
+
+    One text per request to ``path``; ``read`` takes what the answer said from its JSON body.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        texts: list[str],
+        rate_per_s: float,
+        threads: int,
+        headers: dict,
+        path: str = "/v1/predict",
+        read: Callable[[dict], str] = first_label,
+    ) -> None:
+        self.url, self.texts, self.headers, self.path, self.read = url, texts, headers, path, read
         self.interval = threads / rate_per_s
         self.answers: list[Answer] = []
         self._stop = threading.Event()
@@ -127,14 +107,14 @@ class RequestStream:
                 index = count % len(self.texts)
                 count += 1
                 try:
-                    response = client.post(f"{self.url}/v1/predict", json={"text": self.texts[index]})
+                    response = client.post(f"{self.url}{self.path}", json={"text": self.texts[index]})
                     body = response.json()
                     answer = Answer(
                         started,
                         response.status_code,
                         body.get("model_version"),
                         index,
-                        body["predictions"][0]["label"] if response.status_code == 200 else None,
+                        self.read(body) if response.status_code == 200 else None,
                         None if response.status_code == 200 else response.text,
                     )
                 except (httpx.HTTPError, ValueError, KeyError) as error:
