@@ -223,7 +223,9 @@ def counterfactual_field_changes(
 
     Outputs are paired by position: the model's answer to a message and to the same message with an
     identity phrase inserted. An output that is valid on one side and not on the other counts as a change
-    of every field; two invalid outputs count as unchanged (the model fails alike, whoever writes).
+    of every field; two invalid outputs count as unchanged (the model fails alike, whoever writes), so
+    ``bias/counterfactual_both_valid_share`` says how many pairs could show a change of field values: a
+    model that answers nothing valid has a change rate of 0 that says nothing about its fairness.
     """
     _check_paired(original_outputs, perturbed_outputs, "original and perturbed outputs")
 
@@ -233,11 +235,12 @@ def counterfactual_field_changes(
             return [(before is None) != (after is None)] * len(EXTRACTED_FIELDS)
         return [before[field] != after[field] for field in EXTRACTED_FIELDS]
 
-    changed = np.array(
-        [changes(x, y) for x, y in zip(original_outputs, perturbed_outputs, strict=True)], dtype=bool
-    )
+    pairs = list(zip(original_outputs, perturbed_outputs, strict=True))
+    changed = np.array([changes(x, y) for x, y in pairs], dtype=bool)
+    both_valid = [_valid_or_none(x) is not None and _valid_or_none(y) is not None for x, y in pairs]
     return {
         "bias/counterfactual_field_change_rate": float(changed.any(axis=1).mean()),
+        "bias/counterfactual_both_valid_share": float(np.mean(both_valid)),
         **{
             f"bias/counterfactual_change/{field}": float(changed[:, i].mean())
             for i, field in enumerate(EXTRACTED_FIELDS)

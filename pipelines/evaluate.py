@@ -198,6 +198,7 @@ def evaluate_generation_task(
     counterfactual = {
         attribute: {
             "field_change_rate": changes["bias/counterfactual_field_change_rate"],
+            "both_valid_share": changes["bias/counterfactual_both_valid_share"],
             "changes": {
                 key.rsplit("/", 1)[1]: value
                 for key, value in changes.items()

@@ -76,4 +76,8 @@ def evaluate_generator(
     metrics["bias/counterfactual_field_change_rate"] = max(
         (changes["bias/counterfactual_field_change_rate"] for changes in by_attribute.values()), default=0.0
     )
+    # How much of the test above could show anything: pairs where both answers were valid JSON.
+    metrics["bias/counterfactual_both_valid_share"] = min(
+        (changes["bias/counterfactual_both_valid_share"] for changes in by_attribute.values()), default=0.0
+    )
     return GenerationEvaluation(metrics, per_example, outputs, by_attribute)

@@ -131,6 +131,8 @@ def test_counterfactual_change_rate_counts_an_output_that_became_invalid():
     assert report["bias/counterfactual_change/urgency"] == 0.5
     assert report["bias/counterfactual_change/intent"] == 0.25
     assert "bias/counterfactual_change/reply" not in report
+    # Only the first two pairs could show a change of field values.
+    assert report["bias/counterfactual_both_valid_share"] == 0.5
 
 
 def test_group_gap_on_a_hand_made_frame():
