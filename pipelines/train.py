@@ -55,7 +55,7 @@ from serving.inference import (
     select_device,
     with_pad_token,
 )
-from tuneloop.config import Environment, ModelParams, Params, TrainParams, load_params
+from tuneloop.config import CostParams, Environment, ModelParams, Params, TrainParams, load_params
 from tuneloop.io import read_json, write_json
 from tuneloop.paths import ADAPTER_DIR, PREPARED_DIR, TRAIN_METRICS, TRAINING_HISTORY
 from tuneloop.tracking import flatten, git_commit, use_experiment
@@ -451,8 +451,20 @@ def train(
     )
 
 
-def train_metrics(result: TrainResult) -> dict[str, float]:
+def train_metrics(
+    result: TrainResult, cost: CostParams | None = None, adapter_bytes: int | None = None
+) -> dict[str, float]:
+    """The run's summary metrics; with a price table, its device-hours and their cost (``cost/...``).
+
+    Device-hours are the whole stage's wall time (loading, training, validation, saving) times the
+    processes, each of which holds one device; ``adapter_bytes`` adds the artifact's storage cost.
+    """
     best = next((row for row in result.history if row["epoch"] == result.best_epoch), result.history[-1])
+    priced: dict[str, float] = {}
+    if cost is not None:
+        priced = cost.training_cost(result.total_seconds, result.processes, result.device)
+        if adapter_bytes is not None:
+            priced |= cost.storage_cost(adapter_bytes)
     return {
         "train/examples_per_second": round(result.examples_per_second, 2),
         "train/loop_seconds": round(result.loop_seconds, 2),
@@ -464,7 +476,13 @@ def train_metrics(result: TrainResult) -> dict[str, float]:
         **{f"train/best_{key}": best[key] for key in ("val_accuracy", "val_macro_f1") if key in best},
         "train/trainable_parameters": result.trainable_parameters,
         "train/processes": result.processes,
+        **priced,
     }
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def stage_command(python: str, params: Path, prepared: Path, out: Path) -> list[str]:
@@ -625,9 +643,10 @@ def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) ->
             )
 
         result = train_for_task(params, prepared, Path(args.out_dir), on_epoch=log_epoch)
-        metrics = train_metrics(result)
+        metrics = train_metrics(result, params.cost, folder_bytes(Path(args.out_dir)))
         mlflow.log_metrics(metrics)
         mlflow.set_tag("tuneloop.device", result.device)
+        mlflow.set_tag("tuneloop.device_hour_usd", params.cost.device_hour_price(result.device))
         mlflow.log_figure(training_curves_figure(result.history), "plots/training_curves.png")
         manifest = read_json(Path(args.out_dir) / MANIFEST_FILE)
         write_json(Path(args.out_dir) / MANIFEST_FILE, {**manifest, "mlflow_run_id": run.info.run_id})
@@ -635,10 +654,13 @@ def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) ->
     Path(args.history_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history).to_csv(args.history_path, index=False)
     log.info(
-        "trained in %.1fs (%.1f examples/s in the loop, %d process(es)); best epoch %s: %s",
+        "trained in %.1fs (%.1f examples/s in the loop, %d process(es), %.4f device-hours, $%.4f); "
+        "best epoch %s: %s",
         result.total_seconds,
         result.examples_per_second,
         result.processes,
+        metrics["cost/device_hours"],
+        metrics["cost/training_usd"],
         result.best_epoch,
         metrics,
     )

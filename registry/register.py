@@ -210,7 +210,8 @@ def _bias_lines(bias: dict) -> list[str]:
     for attribute, report in sorted(bias.get("counterfactual", {}).items()):
         if "field_change_rate" in report:
             lines.append(
-                f"- counterfactual `{attribute}`: field change rate {report['field_change_rate']:.4f}"
+                f"- counterfactual `{attribute}`: field change rate {report['field_change_rate']:.4f} "
+                f"(both answers valid in {report.get('both_valid_share', float('nan')):.0%} of the pairs)"
             )
             continue
         lines.append(
@@ -240,6 +241,24 @@ def _behavioural_lines(behavioural: dict | None) -> list[str]:
     return lines
 
 
+def _cost_lines(cost: dict[str, float]) -> list[str]:
+    """The card's Cost section from the training run's metrics (pipelines/train.py), at list prices."""
+    if "cost/training_usd" not in cost:
+        return []
+    lines = [
+        "",
+        "## Cost (list prices: params.yaml `cost`)",
+        "",
+        f"- training: {cost['cost/device_hours']:.4f} device-hours, ${cost['cost/training_usd']:.6f}",
+    ]
+    if "cost/storage_usd_per_month" in cost:
+        lines.append(
+            f"- adapter storage: {cost['cost/artifact_gb']:.4f} GB, "
+            f"${cost['cost/storage_usd_per_month']:.6f} per month"
+        )
+    return lines
+
+
 def evaluation_card(
     name: str,
     metrics: dict[str, float],
@@ -251,8 +270,10 @@ def evaluation_card(
     reasons: list[str],
     lineage: Lineage,
     run_id: str,
+    cost: dict[str, float] | None = None,
 ) -> str:
-    """Markdown a reviewer reads before approving: metrics vs prod, paired test, bias, behaviour, lineage."""
+    """Markdown a reviewer reads before approving: metrics vs prod, paired test, bias, behaviour, cost,
+    lineage. ``cost`` is the training run's ``cost/...`` metrics (no section when it has none)."""
     verdict = "passes: becomes `dev`" if not reasons else "blocked: " + "; ".join(reasons)
     lines = [f"# Evaluation card: {name}", "", f"**Verdict:** {verdict}", "", "## Metrics", ""]
     lines += ["| metric | candidate | prod | delta |", "|---|---|---|---|"]
@@ -285,7 +306,9 @@ def evaluation_card(
             f"- p-value {comparison.p_value:.4g}: **{comparison.verdict}**",
         ]
     lines += ["", "## Bias", "", *_bias_lines(bias)]
-    lines += ["", "## Behavioural tests", "", *_behavioural_lines(behavioural), "", "## Lineage", ""]
+    lines += ["", "## Behavioural tests", "", *_behavioural_lines(behavioural)]
+    lines += _cost_lines(cost or {})
+    lines += ["", "## Lineage", ""]
     lines += [
         f"- MLflow run: `{run_id}`",
         f"- data md5: `{lineage.data_md5}`",
@@ -397,8 +420,10 @@ def register_candidate(
     if prod is not None:
         prod_metrics = metrics_from_tags(prod.tags)
     reasons = dev_decision(gates, comparison, params.require_improvement)
+    run_metrics = client.get_run(run_id).data.metrics
+    cost = {key: value for key, value in run_metrics.items() if key.startswith("cost/")}
     card = evaluation_card(
-        name, metrics, gates, bias, behavioural, comparison, prod_metrics, reasons, lineage, run_id
+        name, metrics, gates, bias, behavioural, comparison, prod_metrics, reasons, lineage, run_id, cost
     )
 
     tags = {

@@ -673,11 +673,17 @@ def create_app(
     feedback_caller = rate_limited("feedback")
     admin_caller = authenticator.require("admin")
 
-    async def call_model_server(request_body: dict) -> tuple[httpx.Response, str]:
-        """POST to the model server now serving; no backend is a 503, a failed call a 502."""
+    async def call_model_server(request_body: dict, texts: int) -> tuple[httpx.Response, str]:
+        """POST to the model server now serving; no backend is a 503, a failed call a 502.
+
+        The call's time and ``texts`` (when answered) feed the cost per 1,000 predictions.
+        """
         try:
             async with pool.lease() as backend:
+                called = time.perf_counter()
                 response = await app.state.http.post(f"{backend.url}/invocations", json=request_body)
+                answered = texts if response.status_code == 200 else 0
+                metrics.observe_model_call(time.perf_counter() - called, answered)
                 return response, backend.version
         except NoBackend as error:
             raise _no_backend(error) from error
@@ -761,7 +767,7 @@ def create_app(
         text_limits.check(texts)
         charge(request, len(texts))
         top_k = body.top_k or default_top_k
-        response, version = await call_model_server(invocation_body(texts, top_k=top_k))
+        response, version = await call_model_server(invocation_body(texts, top_k=top_k), len(texts))
         if response.status_code != 200:
             raise _upstream_refusal(response)
         predictions = predictions_from_server(_json_or_none(response))
@@ -823,7 +829,7 @@ def create_app(
         forwarded = invocation_body(texts)
         if params is not None:
             forwarded["params"] = params
-        upstream, version = await call_model_server(forwarded)
+        upstream, version = await call_model_server(forwarded, len(texts))
         if upstream.status_code != 200:
             raise _upstream_refusal(upstream)
         rows = _prediction_rows(upstream)
@@ -895,7 +901,7 @@ def create_app(
         reserved = max_new_tokens * len(texts)
         token_limiter.check(key, reserved)
         try:
-            upstream, version = await call_model_server(generation_body(texts, max_new_tokens))
+            upstream, version = await call_model_server(generation_body(texts, max_new_tokens), len(texts))
             if upstream.status_code != 200:
                 raise _upstream_refusal(upstream)
             answers = generations_from_server(_json_or_none(upstream), len(texts))
@@ -1113,6 +1119,7 @@ def create_gateway(
         inference_log=inference_log,
         labels=params.data.labels,
         settings=gateway,
+        metrics=GatewayMetrics(device_hour_usd=params.cost.device_hour_price(params.cost.serving_device)),
         drift_summary_path=env.paths.drift_summary,
         default_top_k=params.serving.default_top_k,
         upstream_timeout_s=params.serving.request_timeout_s,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from serving.inference_log import InferenceLogWriter
+from tuneloop.config import cost_per_1000_predictions
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,54 @@ class _InferenceLogCollector(Collector):
             yield CounterMetricFamily(f"tuneloop_inference_log_{name}", doc, value=value)
 
 
-class GatewayMetrics:
-    """The gateway's instruments, on a registry of their own."""
+class _CostCollector(Collector):
+    """Cost per 1,000 predictions, computed at scrape time from the measured model-server time."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: GatewayMetrics, device_hour_usd: float) -> None:
+        self.metrics = metrics
+        self.device_hour_usd = device_hour_usd
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily(
+            "tuneloop_device_hour_usd",
+            "List price of one hour of the model server's device (params.yaml cost)",
+            value=self.device_hour_usd,
+        )
+        seconds, texts = self.metrics.model_server_totals()
+        per_1000 = cost_per_1000_predictions(seconds, texts, self.device_hour_usd)
+        if per_1000 is not None:
+            yield GaugeMetricFamily(
+                "tuneloop_cost_per_1000_predictions_usd",
+                "USD per 1,000 texts answered: model-server seconds measured at the gateway x the "
+                "device-hour price / texts x 1000 (since the gateway started)",
+                value=per_1000,
+            )
+
+
+class GatewayMetrics:
+    """The gateway's instruments, on a registry of their own.
+
+    With ``device_hour_usd`` (the serving device's list price) it also exports the cost per 1,000
+    predictions; the model-server time it is computed from is always exported.
+    """
+
+    def __init__(self, device_hour_usd: float | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._model_server_seconds = 0.0
+        self._model_server_texts = 0
+        self._totals_lock = threading.Lock()
+        self.model_server_seconds = Counter(
+            "tuneloop_model_server_seconds",
+            "Seconds spent waiting for the model server's answers: its compute time, measured at the gateway",
+            registry=self.registry,
+        )
+        self.model_server_texts = Counter(
+            "tuneloop_model_server_texts",
+            "Texts the model server answered successfully",
+            registry=self.registry,
+        )
+        if device_hour_usd is not None:
+            self.registry.register(_CostCollector(self, device_hour_usd))
         self.requests = Counter(
             "tuneloop_gateway_requests",
             "Requests answered, by endpoint and HTTP status",
@@ -124,6 +169,19 @@ class GatewayMetrics:
             ["model_name", "alias", "model_version"],
             registry=self.registry,
         )
+
+    def observe_model_call(self, seconds: float, texts: int) -> None:
+        """One call to the model server: how long it took and how many texts it answered (0: failed)."""
+        with self._totals_lock:
+            self._model_server_seconds += seconds
+            self._model_server_texts += texts
+        self.model_server_seconds.inc(seconds)
+        self.model_server_texts.inc(texts)
+
+    def model_server_totals(self) -> tuple[float, int]:
+        """Model-server seconds and texts answered since this gateway started."""
+        with self._totals_lock:
+            return self._model_server_seconds, self._model_server_texts
 
     def set_serving(self, model_name: str, alias: str, version: str | None) -> None:
         """Point the info gauge at the version now serving (a swap moves it)."""

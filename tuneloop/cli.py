@@ -207,7 +207,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
     name = params.registry.model_name
-    for alias, info in registry_status(_registry_client(env), name).items():
+    client = _registry_client(env)
+    for alias, info in registry_status(client, name).items():
         if info is None:
             print(f"{name}@{alias}: -")
             continue
@@ -216,9 +217,47 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{name}@{alias}: v{info['version']} approval={info['approval']} "
             f"gates_passed={info['gates_passed']} {metrics}"
         )
+        print(f"  training cost: {_training_cost(client, info['run_id'])}")
     for alias, url in env.gateway_urls.items():
-        print(f"server {alias} at {url}: {_served_version(url, env.tls_client_context())}")
+        served = _served_version(url, env.tls_client_context())
+        print(f"server {alias} at {url}: {served}")
+        if served != "not running":
+            print(f"  cost per 1,000 predictions: {_serving_cost(url, env)}")
     return 0
+
+
+def _training_cost(client: MlflowClient, run_id: str | None) -> str:
+    """The version's training device-hours and USD, as its training run logged them (pipelines/train.py)."""
+    metrics = client.get_run(run_id).data.metrics if run_id else {}
+    if "cost/training_usd" not in metrics:
+        return "not recorded (trained before cost figures were logged)"
+    hours, usd = metrics["cost/device_hours"], metrics["cost/training_usd"]
+    return f"{hours:.4f} device-hours, ${usd:.6f} at list prices"
+
+
+def _serving_cost(gateway_url: str, env: Environment) -> str:
+    """The gateway's ``tuneloop_cost_per_1000_predictions_usd`` (its /metrics needs scope ``admin``)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if env.api_key is None:
+        return "unknown: set TUNELOOP_API_KEY to a key with scope admin to read the gateway's /metrics"
+    try:
+        response = httpx.get(
+            f"{gateway_url}/metrics",
+            headers={"X-API-Key": env.api_key.get_secret_value()},
+            timeout=3,
+            verify=env.tls_client_context(),
+        )
+    except httpx.HTTPError as error:
+        return f"unknown: /metrics did not answer ({type(error).__name__})"
+    if response.status_code != 200:
+        return f"unknown: /metrics answered HTTP {response.status_code} (TUNELOOP_API_KEY needs scope admin)"
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "tuneloop_cost_per_1000_predictions_usd" and family.samples:
+            usd = family.samples[0].value
+            return f"${usd:.6f} (model-server time x list price, since the gateway started)"
+    return "no predictions yet"
 
 
 def _served_version(gateway_url: str, verify: ssl.SSLContext) -> str:

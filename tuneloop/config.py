@@ -317,6 +317,86 @@ class OrchestrationParams(_Frozen):
     io_retry_delays_s: tuple[float, ...] = Field(min_length=1)
 
 
+# What a device kind costs by the hour (`cost.device_hour_usd`); the train stage's device names start with it.
+DeviceKind = Literal["cpu", "cuda"]
+
+
+class CostParams(_Frozen):
+    """Price table (list prices, set them for your own cloud) and the cost arithmetic on it.
+
+    Pure functions of their arguments: the train stage, the registry's evaluation card, the gateway's
+    cost gauge and `tuneloop status` all compute with these, so one price table gives one figure.
+    """
+
+    # USD per hour of one device (one process's CPU share or one GPU), by device kind.
+    device_hour_usd: dict[DeviceKind, float]
+    # USD per GB (10^9 bytes) of artifact storage per month.
+    storage_gb_month_usd: float = Field(ge=0)
+    # The device kind the model servers run on, whose hourly price the gateway's cost gauge uses.
+    serving_device: DeviceKind
+
+    @field_validator("device_hour_usd")
+    @classmethod
+    def _prices_known_and_non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
+        missing = {"cpu", "cuda"} - set(prices)
+        if missing:
+            raise ValueError(f"cost.device_hour_usd lacks a price for {sorted(missing)}")
+        negative = sorted(kind for kind, price in prices.items() if price < 0)
+        if negative:
+            raise ValueError(f"cost.device_hour_usd is negative for {negative}")
+        return prices
+
+    def device_hour_price(self, device: str) -> float:
+        """USD per hour of ``device``: a kind (``cuda``) or a device name (``cuda (bf16 autocast)``)."""
+        kind = device_kind(device)
+        return self.device_hour_usd[kind]
+
+    def training_cost(self, seconds: float, processes: int, device: str) -> dict[str, float]:
+        """Device-hours (wall time x processes, each holding one device) and their USD at list price."""
+        hours = device_hours(seconds, processes)
+        return {
+            "cost/device_hours": _significant(hours),
+            "cost/training_usd": _significant(hours * self.device_hour_price(device)),
+        }
+
+    def storage_cost(self, size_bytes: int) -> dict[str, float]:
+        """An artifact's size in GB and what keeping it costs per month."""
+        gigabytes = size_bytes / 1e9
+        return {
+            "cost/artifact_gb": _significant(gigabytes),
+            "cost/storage_usd_per_month": _significant(gigabytes * self.storage_gb_month_usd),
+        }
+
+
+def _significant(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits: a small run's cents keep their precision."""
+    return float(f"{value:.{digits}g}")
+
+
+def device_kind(device: str) -> DeviceKind:
+    """``cpu`` or ``cuda`` from a device name such as ``cuda (bf16 autocast)`` or ``cuda:0``."""
+    kind = device.split()[0].split(":")[0] if device.strip() else ""
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"no price for device {device!r}: cost.device_hour_usd knows cpu and cuda")
+    return "cuda" if kind == "cuda" else "cpu"
+
+
+def device_hours(seconds: float, processes: int) -> float:
+    """Hours of device time: ``seconds`` of wall time on each of ``processes`` devices."""
+    if seconds < 0 or processes < 1:
+        raise ValueError(f"device time needs seconds >= 0 and processes >= 1, not {seconds}, {processes}")
+    return seconds * processes / 3600
+
+
+def cost_per_1000_predictions(
+    compute_seconds: float, predictions: int, device_hour_usd: float
+) -> float | None:
+    """USD per 1,000 predictions from the measured compute time they took; None before any prediction."""
+    if predictions <= 0:
+        return None
+    return compute_seconds / 3600 * device_hour_usd / predictions * 1000
+
+
 class Params(_Frozen):
     task: Task = "classification"
     data: DataParams
@@ -332,6 +412,7 @@ class Params(_Frozen):
     serving: ServingParams
     monitoring: MonitoringParams
     orchestration: OrchestrationParams
+    cost: CostParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

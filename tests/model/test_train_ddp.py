@@ -200,7 +200,10 @@ def test_both_runs_finish_and_write_every_output(one_and_two_processes):
         assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "tuneloop.json"} <= {
             p.name for p in (out / "adapter").iterdir()
         }
-        assert json.loads((out / "metrics.json").read_text())["train/processes"] == processes
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["train/processes"] == processes
+        # Its cost at the list prices of params.yaml: device-hours of every process, and their price.
+        assert metrics["cost/device_hours"] > 0 and metrics["cost/training_usd"] > 0
         assert len(pd.read_csv(out / "history.csv")) == EPOCHS
 
 
