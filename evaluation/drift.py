@@ -4,6 +4,9 @@ Pure functions over pandas frames with the inference log's column names (``text`
 predicted label, ``score``, ``true_label`` = feedback or None): data in, a JSON-ready summary and
 Evidently snapshots out. Saving and logging them is the caller's job (``monitoring.monitor``).
 
+Generation windows (``text`` = the prompt, ``generated`` = the answer) get the same text signals on
+the prompts and a test of the share of answers that meet the output contract (:func:`generation_drift`).
+
 False alarms are budgeted per window: every test a window runs shares ``false_alarm_rate``
 (Bonferroni), so unchanged traffic raises any flag in at most that share of windows.
 """
@@ -33,8 +36,16 @@ SCORE = "score"
 TEXT_LENGTH = "text_length"
 NON_LETTER_SHARE = "non_letter_share"
 OOV_SHARE = "oov_share"
-DATA_SIGNALS = (TEXT, TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE, PREDICTED)
+# The signals of a text column alone: the text itself and its descriptors (classifier inputs and
+# generation prompts alike).
+TEXT_SIGNALS = (TEXT, TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE)
+DATA_SIGNALS = (*TEXT_SIGNALS, PREDICTED)
 CONCEPT_SIGNALS = ("accuracy", "macro_f1")
+# Generation windows: the prompt's text signals and the share of answers that meet the output contract.
+GENERATED = "generated"
+VALID = "valid"
+OUTPUT_VALIDITY = "output_validity"
+GENERATION_SIGNALS = (*TEXT_SIGNALS, OUTPUT_VALIDITY)
 # Our two-sample chi-square test of homogeneity, registered with Evidently under this name.
 HOMOGENEITY_TEST = "chi2_homogeneity"
 # Letters-only words, case-folded: digits and order numbers would make every new order id "new".
@@ -131,34 +142,29 @@ class DriftResult:
     quality_report: Any | None = None
 
 
-def data_drift(
+def text_drift(
     reference: pd.DataFrame,
-    prediction_reference: pd.DataFrame,
     current: pd.DataFrame,
     vocabulary: Counter,
     params: MonitoringParams,
     alpha: float,
-) -> tuple[dict[str, Any], Any, Any]:
-    """Evidently reports of text, descriptor and predicted-label drift; per-signal flags at level ``alpha``.
+) -> tuple[dict[str, dict], Any]:
+    """Evidently report of the ``text`` column and its descriptors; per-signal flags at level ``alpha``.
 
     The text column is tested with Evidently's domain classifier (TF-IDF + logistic regression, ROC
-    AUC on a held-out half); descriptors with two-sample Kolmogorov-Smirnov; predicted labels with a
-    chi-square test of homogeneity.
-
-    Text and descriptors are compared with ``reference`` (training texts). Predicted labels are
-    compared with ``prediction_reference``, the model's predictions on held-out texts: on its own
-    training texts a model is right far more often than on anything new, so their predicted-label
-    distribution is the true one, while live predictions carry the model's usual errors. Measured
-    with the tiny test model: 12 false alarms in 20 stable windows against training predictions.
+    AUC on a held-out half); its length, non-letter share and out-of-vocabulary share (against
+    ``vocabulary``, see :func:`oov_shares`) with two-sample Kolmogorov-Smirnov. ``reference`` holds
+    training texts, ``current`` the window's. Used for classifier inputs (:func:`data_drift`) and for
+    generation prompts (:func:`generation_drift`).
 
     Returns:
-        The summary, the text snapshot and the prediction snapshot (Evidently ``Snapshot``s).
+        The signals of :data:`TEXT_SIGNALS` (descriptors with their reference and current means) and
+        the Evidently ``Snapshot``.
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.descriptors import NonLetterCharacterPercentage, TextLength
     from evidently.metrics import ValueDrift
 
-    _register_homogeneity_test()
     text_definition = DataDefinition(text_columns=[TEXT], numerical_columns=[OOV_SHARE])
     descriptors = [
         TextLength(TEXT, alias=TEXT_LENGTH),
@@ -189,6 +195,50 @@ def data_drift(
         ],
         include_tests=True,
     ).run(text_sets[0], text_sets[1])
+    signals = _signals_from_snapshot(json.loads(text_snapshot.json()), text_methods)
+    current_frame, reference_frame = (dataset.as_dataframe() for dataset in text_sets)
+    for column in (TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE):
+        signals[column]["reference_mean"] = float(reference_frame[column].mean())
+        signals[column]["current_mean"] = float(current_frame[column].mean())
+    return signals, text_snapshot
+
+
+def _drift_section(signals: dict[str, dict], order: Sequence[str]) -> dict[str, Any]:
+    """The ``data_drift`` part of a summary: which of ``order``'s signals drifted, and each signal."""
+    drifted = [name for name in order if signals[name]["drifted"]]
+    return {
+        "detected": bool(drifted),
+        "drifted_signals": drifted,
+        "share_drifted": len(drifted) / len(order),
+        "signals": {name: signals[name] for name in order},
+    }
+
+
+def data_drift(
+    reference: pd.DataFrame,
+    prediction_reference: pd.DataFrame,
+    current: pd.DataFrame,
+    vocabulary: Counter,
+    params: MonitoringParams,
+    alpha: float,
+) -> tuple[dict[str, Any], Any, Any]:
+    """Evidently reports of text, descriptor and predicted-label drift; per-signal flags at level ``alpha``.
+
+    Text and descriptors: :func:`text_drift` against ``reference`` (training texts). Predicted labels
+    are tested with a chi-square test of homogeneity against ``prediction_reference``, the model's
+    predictions on held-out texts: on its own training texts a model is right far more often than on
+    anything new, so their predicted-label distribution is the true one, while live predictions carry
+    the model's usual errors. Measured with the tiny test model: 12 false alarms in 20 stable windows
+    against training predictions.
+
+    Returns:
+        The summary, the text snapshot and the prediction snapshot (Evidently ``Snapshot``s).
+    """
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    _register_homogeneity_test()
+    text_signals, text_snapshot = text_drift(reference, current, vocabulary, params, alpha)
     prediction_methods = {PREDICTED: (HOMOGENEITY_TEST, alpha)}
     label_definition = DataDefinition(categorical_columns=[PREDICTED])
     prediction_snapshot = Report(
@@ -200,24 +250,13 @@ def data_drift(
         )
     )
     signals = {
-        **_signals_from_snapshot(json.loads(text_snapshot.json()), text_methods),
+        **text_signals,
         **_signals_from_snapshot(json.loads(prediction_snapshot.json()), prediction_methods),
     }
-    current_frame, reference_frame = (dataset.as_dataframe() for dataset in text_sets)
-    for column in (TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE):
-        signals[column]["reference_mean"] = float(reference_frame[column].mean())
-        signals[column]["current_mean"] = float(current_frame[column].mean())
     signals[PREDICTED]["total_variation"] = total_variation(
         prediction_reference[PREDICTED], current[PREDICTED]
     )
-    drifted = [name for name in DATA_SIGNALS if signals[name]["drifted"]]
-    summary = {
-        "detected": bool(drifted),
-        "drifted_signals": drifted,
-        "share_drifted": len(drifted) / len(signals),
-        "signals": {name: signals[name] for name in DATA_SIGNALS},
-    }
-    return summary, text_snapshot, prediction_snapshot
+    return _drift_section(signals, DATA_SIGNALS), text_snapshot, prediction_snapshot
 
 
 def _signals_from_snapshot(snapshot: dict, methods: dict[str, tuple[str, float]]) -> dict[str, dict]:
@@ -488,6 +527,149 @@ def detect_drift(
         prediction_report=prediction_snapshot,
         quality_report=quality_snapshot,
     )
+
+
+# ------------------------------------------------------------------------------- generation models
+
+
+def output_validity(answers: Iterable[str | None]) -> np.ndarray:
+    """True per answer that meets the output contract: ``is_valid(parse_output(answer))``.
+
+    A missing answer (None) counts as invalid.
+    """
+    from evaluation.generation import is_valid, parse_output
+
+    return np.array(
+        [answer is not None and is_valid(parse_output(str(answer))) for answer in answers], dtype=bool
+    )
+
+
+def validity_share(answers: Iterable[str | None]) -> float | None:
+    """Share of answers that meet the output contract (None for no answers)."""
+    valid = output_validity(answers)
+    return float(valid.mean()) if len(valid) else None
+
+
+def validity_drift(
+    reference_valid: np.ndarray, current_valid: np.ndarray, alpha: float, min_drop: float
+) -> dict[str, Any]:
+    """Has the share of valid answers dropped below the reference share? A signal of the summary.
+
+    One-sided two-proportion z-test (:func:`accuracy_drop_test`: reference and window are different
+    messages, independent samples). Like concept drift, a drop counts when it is significant at
+    ``alpha`` AND at least ``min_drop`` (``monitoring.min_validity_drop``). ``score`` is the p-value.
+    """
+    if len(reference_valid) == 0 or len(current_valid) == 0:
+        raise ValueError("output validity needs answers on both sides (reference and window)")
+    test = accuracy_drop_test(np.asarray(reference_valid, bool), np.asarray(current_valid, bool))
+    return {
+        "method": "two-proportion z-test, one-sided",
+        "score": test["p_value"],
+        "threshold": float(alpha),
+        "drifted": bool(test["p_value"] < alpha and test["drop"] >= min_drop),
+        "reference_share": test["reference"],
+        "current_share": test["current"],
+        "drop": test["drop"],
+        "p_value": test["p_value"],
+        "min_drop": float(min_drop),
+        "n_reference": len(reference_valid),
+        "n_current": len(current_valid),
+    }
+
+
+def generation_feedback(feedback: pd.DataFrame) -> dict[str, Any]:
+    """What callers said about logged answers (``accepted``, ``edited_output`` columns of
+    ``serving.inference_log.read_generations``): reported, never tested.
+
+    ``n_feedback``: answers with any feedback; ``accepted_share``: the share of those accepted as they
+    were (None without feedback); ``n_edited``: answers whose caller sent a corrected output.
+    """
+    if feedback.empty:
+        return {"n_feedback": 0, "n_accepted": 0, "accepted_share": None, "n_edited": 0}
+    accepted = feedback["accepted"]
+    edited = feedback["edited_output"].notna()
+    given = accepted.notna() | edited
+    n_accepted = int((accepted.notna() & accepted.astype(object).eq(True)).sum())
+    n_feedback = int(given.sum())
+    return {
+        "n_feedback": n_feedback,
+        "n_accepted": n_accepted,
+        "accepted_share": n_accepted / n_feedback if n_feedback else None,
+        "n_edited": int(edited.sum()),
+    }
+
+
+def generation_drift(
+    reference: pd.DataFrame,
+    validity_reference: pd.DataFrame,
+    current: pd.DataFrame,
+    vocabulary: Counter,
+    params: MonitoringParams,
+    feedback: pd.DataFrame | None = None,
+) -> DriftResult:
+    """Prompt text drift and output-validity drift of a window of logged generations.
+
+    Args:
+        reference: training messages (``text``, masked as the log masks prompts).
+        validity_reference: the model's answers on held-out messages, with ``valid`` (bool).
+        current: a window of ``serving.inference_log.read_generations`` (``text``, ``generated``).
+        vocabulary: document frequencies of the training messages (out-of-vocabulary share).
+        params: thresholds and budgets from ``params.yaml``.
+        feedback: generation rows with their feedback over the lookback (``accepted``,
+            ``edited_output``), for the report only; None: none read.
+
+    The summary keeps the classifier's shape, so that the decision, the alert, MLflow's metrics and the
+    Prometheus collector read it unchanged: ``data_drift`` holds the prompt's signals
+    (:data:`TEXT_SIGNALS`) and ``output_validity``, the generation counterpart of predicted-label drift;
+    ``prompt_drift`` and ``validity_drift`` say which of the two kinds drifted; ``concept_drift`` is
+    None (there are no labels). Five tests share ``false_alarm_rate`` (Bonferroni).
+    """
+    for name, frame, needed in (
+        ("reference", reference, {TEXT}),
+        ("validity reference", validity_reference, {VALID}),
+        ("current window", current, {TEXT, GENERATED}),
+    ):
+        missing = needed - set(frame.columns)
+        if missing:
+            raise KeyError(f"the {name} lacks columns {sorted(missing)} (it has {list(frame.columns)})")
+        if frame.empty:
+            raise ValueError(f"the {name} is empty")
+    if len(current) < params.min_window_size:
+        raise ValueError(
+            f"the window has {len(current)} generations, fewer than monitoring.min_window_size "
+            f"({params.min_window_size}): too few to tell drift from noise"
+        )
+    n_tests = len(GENERATION_SIGNALS)
+    alpha = params.false_alarm_rate / n_tests
+    text_signals, text_snapshot = text_drift(reference, current, vocabulary, params, alpha)
+    validity = validity_drift(
+        validity_reference[VALID].to_numpy(dtype=bool),
+        output_validity(current[GENERATED]),
+        alpha,
+        params.min_validity_drop,
+    )
+    data = _drift_section({**text_signals, OUTPUT_VALIDITY: validity}, GENERATION_SIGNALS)
+    prompt = [name for name in TEXT_SIGNALS if text_signals[name]["drifted"]]
+    has_feedback = {"accepted", "edited_output"} <= set(current.columns)
+    n_labelled = generation_feedback(current)["n_feedback"] if has_feedback else 0
+    summary: dict[str, Any] = {
+        "task": "generation",
+        "n_reference": len(reference),
+        "n_validity_reference": len(validity_reference),
+        "n_current": len(current),
+        # Answers in the window with any feedback (accepted or edited): the classifier's labelled rows.
+        "n_labelled": n_labelled,
+        "n_tests": n_tests,
+        "alpha_per_test": alpha,
+        "false_alarm_rate": params.false_alarm_rate,
+        "data_drift": data,
+        "prompt_drift": {"detected": bool(prompt), "drifted_signals": prompt},
+        "validity_drift": {"detected": validity["drifted"], **validity},
+        "concept_drift": None,
+        "feedback": generation_feedback(feedback) if feedback is not None else None,
+    }
+    summary["drift_detected"] = bool(prompt) or validity["drifted"]
+    return DriftResult(summary=_finite(summary), data_report=text_snapshot, prediction_report=None)
 
 
 def _finite(value: Any) -> Any:

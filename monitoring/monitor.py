@@ -6,6 +6,11 @@ thin adapters. What it writes: the Evidently HTML reports and the JSON summary t
 gateway's ``/metrics`` through :class:`serving.metrics.DriftGaugeCollector`), and, when retraining is
 decided, the labelled feedback appended to the raw data as a new DVC data version whose ``.dvc`` pointer
 is committed to git (``monitoring.data_branch``), so that the training it triggers has a clean lineage.
+
+With ``task: generation`` the window is the newest logged generations (:func:`monitor_generation_once`):
+prompt text drift against the train split's messages, output-validity drift against the model's own
+answers on held-out messages, a report of the callers' feedback; the decision only alerts
+(:func:`generation_decision`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,18 @@ from typing import Any
 
 import pandas as pd
 
-from evaluation.drift import PREDICTED, TEXT, TRUE_LABEL, DriftResult, detect_drift, document_frequencies
+from evaluation.drift import (
+    GENERATED,
+    PREDICTED,
+    TEXT,
+    TRUE_LABEL,
+    VALID,
+    DriftResult,
+    detect_drift,
+    document_frequencies,
+    generation_drift,
+    output_validity,
+)
 from serving.metrics import write_drift_summary
 from tuneloop.config import DataParams, Environment, MonitoringParams, load_params
 from tuneloop.datastore import add_and_push, check_data_commit, commit_data_version, tracked_md5, write_table
@@ -37,6 +53,8 @@ MONITORING_EXPERIMENT = "monitoring"
 LOG_COLUMNS = ("request_id", "item_index", "created_at", "model_name", "model_version", "text", "label")
 # texts -> frame with `label` and `score`, one row per text, in order.
 Predictor = Callable[[Sequence[str]], pd.DataFrame]
+# messages -> frame with `generated` (the model's answer), one row per message, in order.
+Generator = Callable[[Sequence[str]], pd.DataFrame]
 
 
 def read_log(db_url: str, *, last_n: int | None = None, since: datetime | None = None) -> pd.DataFrame:
@@ -98,8 +116,8 @@ def adapter_predictor(adapter_dir: Path, batch_size: int = 64) -> Predictor:
     return predict
 
 
-def registry_predictor(model_uri: str, tracking_uri: str) -> Predictor:
-    """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``) in that registry."""
+def _registered_pyfunc(model_uri: str, tracking_uri: str) -> tuple[Any, tempfile.TemporaryDirectory]:
+    """A registered pyfunc loaded from that registry, and the folder it was downloaded to (keep it)."""
     import mlflow
 
     # Downloaded with this registry named, never through mlflow.set_registry_uri: that is process-global
@@ -108,12 +126,40 @@ def registry_predictor(model_uri: str, tracking_uri: str) -> Predictor:
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=model_uri, dst_path=download.name, tracking_uri=tracking_uri, registry_uri=tracking_uri
     )
-    model = mlflow.pyfunc.load_model(local)
+    return mlflow.pyfunc.load_model(local), download
+
+
+def registry_predictor(model_uri: str, tracking_uri: str) -> Predictor:
+    """Predictions of a registered pyfunc (``models:/<name>/<version>`` or ``@alias``) in that registry."""
+    model, download = _registered_pyfunc(model_uri, tracking_uri)
 
     def predict(texts: Sequence[str], _keep=download) -> pd.DataFrame:
         return model.predict(pd.DataFrame({"text": list(texts)}))[["label", "score"]]
 
     return predict
+
+
+def adapter_generator(adapter_dir: Path, batch_size: int = 16) -> Generator:
+    """Answers of a local generation adapter (or merged) folder through :class:`TextGenerator`."""
+    from serving.generation import TextGenerator
+
+    generator = TextGenerator.load(adapter_dir)
+
+    def generate(messages: Sequence[str]) -> pd.DataFrame:
+        answers = generator.generate(list(messages), batch_size=batch_size)
+        return pd.DataFrame({GENERATED: [answer.text for answer in answers]})
+
+    return generate
+
+
+def registry_generator(model_uri: str, tracking_uri: str) -> Generator:
+    """Answers of a registered generation pyfunc (``serving.pyfunc_model.GenerationPyfunc``)."""
+    model, download = _registered_pyfunc(model_uri, tracking_uri)
+
+    def generate(messages: Sequence[str], _keep=download) -> pd.DataFrame:
+        return model.predict(pd.DataFrame({"text": list(messages)}))[[GENERATED]]
+
+    return generate
 
 
 def reference_key(model_id: str, prepared_dir: Path, params: MonitoringParams) -> str:
@@ -187,6 +233,105 @@ def build_reference(
     return Reference(frames[0], frames[1], vocabulary, key)
 
 
+@dataclass
+class GenerationReference:
+    """What a window of generations is compared with, for one generation model.
+
+    ``frame``: a seeded sample of the train split's messages as ``text`` (prompt text drift).
+    ``validity``: held-out messages (``monitoring.generation_reference_split``) with the model's answers
+    (``generated``) and whether each meets the output contract (``valid``): the reference share.
+    ``vocabulary``: document frequencies of all the train split's messages (out-of-vocabulary share).
+    Messages and answers are PII-masked as the gateway masks the log.
+    """
+
+    frame: pd.DataFrame
+    validity: pd.DataFrame
+    vocabulary: Counter
+    key: str
+
+
+def generation_reference_key(
+    model_id: str, prepared_dir: Path, params: MonitoringParams, input_column: str
+) -> str:
+    """Cache key of a generation reference: model identity, data content and the reference settings."""
+    parts = [
+        "generation",
+        model_id,
+        file_md5(prepared_dir / "train.parquet"),
+        file_md5(prepared_dir / f"{params.generation_reference_split}.parquet"),
+        input_column,
+        str(params.reference_size),
+        str(params.reference_seed),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_generation_reference(
+    generator: Generator,
+    prepared_dir: Path,
+    params: MonitoringParams,
+    input_column: str,
+    model_id: str,
+    cache_dir: Path,
+    *,
+    phone_region: str = "US",
+) -> GenerationReference:
+    """Reference of a generation model, cached per model and data version like :func:`build_reference`.
+
+    The model answers (at most ``reference_size``, seeded) held-out messages as written, as it did the
+    logged ones; its answers are masked before their validity is judged, as logged answers are.
+    """
+    from serving.pii import PiiMasker
+
+    masker = PiiMasker(phone_region=phone_region)
+
+    def masked(values: pd.Series) -> list[str]:
+        return [masker.mask(text) for text in values.astype(str)]
+
+    key = generation_reference_key(model_id, prepared_dir, params, input_column)
+    folder = cache_dir / key
+    train = pd.read_parquet(prepared_dir / "train.parquet")
+    if input_column not in train.columns:
+        raise KeyError(
+            f"{prepared_dir / 'train.parquet'} has no column {input_column!r} (generation.input_column); "
+            f"it has {list(train.columns)}: prepare the data with `task: generation`"
+        )
+    vocabulary = document_frequencies(masked(train[input_column]))
+    if (folder / "prompts.parquet").exists() and (folder / "validity.parquet").exists():
+        log.info("generation reference for %s from cache %s", model_id, folder)
+        return GenerationReference(
+            pd.read_parquet(folder / "prompts.parquet"),
+            pd.read_parquet(folder / "validity.parquet"),
+            vocabulary,
+            key,
+        )
+    sample = train.sample(n=min(params.reference_size, len(train)), random_state=params.reference_seed)
+    frame = pd.DataFrame({TEXT: masked(sample[input_column])})
+    held_out = pd.read_parquet(prepared_dir / f"{params.generation_reference_split}.parquet")
+    if len(held_out) > params.reference_size:
+        held_out = held_out.sample(n=params.reference_size, random_state=params.reference_seed)
+    messages = held_out[input_column].astype(str).tolist()
+    answers = masked(generator(messages)[GENERATED])
+    validity = pd.DataFrame(
+        {TEXT: masked(held_out[input_column]), GENERATED: answers, VALID: output_validity(answers)}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(folder / "prompts.parquet", index=False)
+    validity.to_parquet(folder / "validity.parquet", index=False)
+    write_json(
+        folder / "meta.json",
+        {
+            "task": "generation",
+            "model": model_id,
+            "prepared_dir": str(prepared_dir),
+            "input_column": input_column,
+            "valid_share": float(validity[VALID].mean()) if len(validity) else None,
+            **params.model_dump(),
+        },
+    )
+    return GenerationReference(frame, validity, vocabulary, key)
+
+
 # ------------------------------------------------------------------------------------------- decision
 
 
@@ -237,6 +382,34 @@ def should_retrain(
             return Decision(False, True, tuple(reasons))
     reasons.append(f"{new_labelled} new labelled examples")
     return Decision(True, True, tuple(reasons))
+
+
+GENERATION_ALERT_ONLY = "generation drift only alerts: no data is appended and no training is started"
+
+
+def generation_decision(summary: dict[str, Any]) -> Decision:
+    """The decision on a generation window (:func:`evaluation.drift.generation_drift`): alert only.
+
+    Prompt drift or output-validity drift raises an alert; nothing is appended and no retraining is
+    decided. :func:`should_retrain` and :func:`decide_and_append` are not reused: they append labelled
+    feedback (a text and a class label) to ``data.raw_path``, while generation feedback is an accepted
+    answer or an edited output, which would need its own check against the output contract (and a
+    person's review) before it became a (message, target) training pair.
+    """
+    reasons: list[str] = []
+    prompt = summary["prompt_drift"]
+    validity = summary["validity_drift"]
+    if prompt["detected"]:
+        reasons.append("prompt drift in " + ", ".join(prompt["drifted_signals"]))
+    if validity["detected"]:
+        reasons.append(
+            f"output validity drift: valid answers {validity['reference_share']:.3f} on held-out messages, "
+            f"{validity['current_share']:.3f} in the window (p = {validity['p_value']:.3g})"
+        )
+    if not reasons:
+        return Decision(False, False, ("no drift",))
+    reasons.append(GENERATION_ALERT_ONLY)
+    return Decision(False, True, tuple(reasons))
 
 
 # ------------------------------------------------------------------------------------------- feedback
@@ -399,6 +572,8 @@ def log_to_mlflow(result: DriftResult, env: Environment, tags: dict[str, str]) -
             ("text_drift", result.data_report),
             ("prediction_drift", result.prediction_report),
         ):
+            if report is None:  # a generation window has no predicted labels
+                continue
             report.save_html(str(Path(folder) / f"{name}.html"))
             mlflow.log_artifact(str(Path(folder) / f"{name}.html"), "drift")
         if result.quality_report is not None:
@@ -454,6 +629,17 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         for name, test in concept["tests"].items():
             for key in ("reference", "current", "drop", "p_value"):
                 metrics[f"concept/{name}_{key}"] = float(test[key])
+    validity = summary.get("validity_drift")
+    if validity:
+        metrics["drift/prompt_detected"] = float(summary["prompt_drift"]["detected"])
+        for key in ("reference_share", "current_share", "drop"):
+            metrics[f"drift/output_validity_{key}"] = float(validity[key])
+    feedback = summary.get("feedback")
+    if feedback:
+        metrics["feedback/n_feedback"] = float(feedback["n_feedback"])
+        metrics["feedback/n_edited"] = float(feedback["n_edited"])
+        if feedback["accepted_share"] is not None:
+            metrics["feedback/accepted_share"] = float(feedback["accepted_share"])
     return metrics
 
 
@@ -490,14 +676,34 @@ def evaluate_window(
     result = detect_drift(
         reference.frame, reference.quality, window, reference.vocabulary, labels, params, quality_html
     )
+    describe_window(result.summary, window, reference.key)
+    return result
+
+
+def describe_window(summary: dict[str, Any], window: pd.DataFrame, reference_key: str) -> None:
+    """Add which model answered the window, when, and which reference it was compared with."""
     for column in ("model_name", "model_version"):
         if column in window.columns and len(window):
-            result.summary[column] = str(window[column].iloc[-1])
+            summary[column] = str(window[column].iloc[-1])
     if "created_at" in window.columns and len(window):
-        result.summary["window_start"] = str(pd.to_datetime(window["created_at"]).min())
-        result.summary["window_end"] = str(pd.to_datetime(window["created_at"]).max())
-    result.summary["reference_key"] = reference.key
-    result.summary["finished_at"] = datetime.now(UTC).isoformat()
+        summary["window_start"] = str(pd.to_datetime(window["created_at"]).min())
+        summary["window_end"] = str(pd.to_datetime(window["created_at"]).max())
+    summary["reference_key"] = reference_key
+    summary["finished_at"] = datetime.now(UTC).isoformat()
+
+
+def evaluate_generation_window(
+    window: pd.DataFrame,
+    reference: GenerationReference,
+    params: MonitoringParams,
+    feedback: pd.DataFrame | None = None,
+) -> DriftResult:
+    """Prompt and output-validity drift of a window of generations (newest model version's rows)."""
+    window = latest_version_rows(window)
+    result = generation_drift(
+        reference.frame, reference.validity, window, reference.vocabulary, params, feedback
+    )
+    describe_window(result.summary, window, reference.key)
     return result
 
 
@@ -530,18 +736,34 @@ def decide_and_append(
     return decision, appended
 
 
+def adapter_identity(adapter_dir: Path) -> str:
+    """A cache identity of a local adapter folder: its weights' md5."""
+    weights = sorted(adapter_dir.glob("*.safetensors")) or sorted(adapter_dir.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter weights (*.safetensors / *.bin)")
+    return f"adapter:{file_md5(weights[0])}"
+
+
 def model_identity(
     model_uri: str | None, adapter_dir: Path | None, tracking_uri: str
 ) -> tuple[str, Predictor]:
     """A cache identity and a predictor for a registered model URI or a local adapter folder."""
     if adapter_dir is not None:
-        weights = sorted(adapter_dir.glob("*.safetensors")) or sorted(adapter_dir.glob("*.bin"))
-        if not weights:
-            raise FileNotFoundError(f"{adapter_dir} holds no adapter weights (*.safetensors / *.bin)")
-        return f"adapter:{file_md5(weights[0])}", adapter_predictor(adapter_dir)
+        return adapter_identity(adapter_dir), adapter_predictor(adapter_dir)
     if not model_uri:
         raise ValueError("give a registered model URI or a local adapter folder")
     return model_uri, registry_predictor(model_uri, tracking_uri)
+
+
+def generation_model_identity(
+    model_uri: str | None, adapter_dir: Path | None, tracking_uri: str
+) -> tuple[str, Generator]:
+    """A cache identity and a generator for a registered generation model or a local adapter folder."""
+    if adapter_dir is not None:
+        return adapter_identity(adapter_dir), adapter_generator(adapter_dir)
+    if not model_uri:
+        raise ValueError("give a registered model URI or a local adapter folder")
+    return model_uri, registry_generator(model_uri, tracking_uri)
 
 
 def window_model_uri(window: pd.DataFrame, model_name: str, alias: str = "prod") -> str:
@@ -595,6 +817,37 @@ def run_monitor(
     return MonitorOutcome(result.summary, decision, run_id, appended)
 
 
+def run_generation_monitor(
+    window: pd.DataFrame,
+    feedback: pd.DataFrame | None,
+    reference: GenerationReference,
+    env: Environment,
+    params_path: Path,
+    *,
+    log_mlflow: bool = True,
+) -> MonitorOutcome:
+    """The step for a generation model's window: drift, MLflow, latest.json and the decision.
+
+    The decision is :func:`generation_decision`: alert only, nothing appended (``appended`` is None).
+    """
+    params = load_params(params_path)
+    result = evaluate_generation_window(window, reference, params.monitoring, feedback)
+    run_id = None
+    if log_mlflow:
+        run_id = log_to_mlflow(
+            result,
+            env,
+            {"model_version": str(result.summary.get("model_version", "")), "tuneloop.task": "generation"},
+        )
+        result.summary["mlflow_run_id"] = run_id
+    write_drift_summary(result.summary, env.paths.drift_summary)
+    decision = generation_decision(result.summary)
+    if run_id is not None:
+        log_decision_to_mlflow(run_id, decision, None, env)
+    log.info("generation drift decision: %s", "; ".join(decision.reasons))
+    return MonitorOutcome(result.summary, decision, run_id, None, notes=[GENERATION_ALERT_ONLY])
+
+
 @dataclass(frozen=True)
 class NotEnoughTraffic:
     """The window held fewer predictions than ``monitoring.min_window_size``: nothing was judged."""
@@ -620,8 +873,17 @@ def monitor_once(
     Reads the newest window and the recent feedback from the inference log, builds (or reuses) the
     reference with the model that answered the window (or ``model_uri`` / ``adapter_dir``), then runs
     :func:`run_monitor`.
+
+    With ``task: generation`` in ``params.yaml`` the window is the newest logged generations, judged by
+    :func:`run_generation_monitor` (prompt text drift, output-validity drift, feedback report; an
+    alert at most, so ``append`` does not apply); ``model_uri`` / ``adapter_dir`` then name a
+    generation model (``GenerationPyfunc``, or a `pipelines.sft` adapter folder).
     """
     params = load_params(params_path)
+    if params.task == "generation":
+        return monitor_generation_once(
+            env, params_path, prepared_dir, model_uri=model_uri, adapter_dir=adapter_dir, now=now
+        )
     window = read_log(env.inference_log_url, last_n=params.monitoring.window_size)
     if len(latest_version_rows(window)) < params.monitoring.min_window_size:
         log.info(
@@ -648,3 +910,41 @@ def monitor_once(
         phone_region=params.gateway.pii_phone_region,
     )
     return run_monitor(window, labelled_log, reference, env, Path(params_path), append=append, now=now)
+
+
+def monitor_generation_once(
+    env: Environment,
+    params_path: Path,
+    prepared_dir: Path,
+    *,
+    model_uri: str | None = None,
+    adapter_dir: Path | None = None,
+    now: datetime | None = None,
+) -> MonitorOutcome | NotEnoughTraffic:
+    """:func:`monitor_once` for ``task: generation``: the newest ``window_size`` logged generations and
+    the generation feedback of the last ``feedback_lookback_hours`` against a generation reference."""
+    from serving.inference_log import read_generations
+
+    params = load_params(params_path)
+    window = read_generations(env.inference_log_url, last_n=params.monitoring.window_size)
+    if len(latest_version_rows(window)) < params.monitoring.min_window_size:
+        log.info(
+            "%d generations in the log, fewer than monitoring.min_window_size (%d): nothing to judge yet",
+            len(window),
+            params.monitoring.min_window_size,
+        )
+        return NotEnoughTraffic(len(window))
+    lookback = timedelta(hours=params.monitoring.feedback_lookback_hours)
+    feedback = read_generations(env.inference_log_url, since=(now or datetime.now(UTC)) - lookback)
+    uri = None if adapter_dir else (model_uri or window_model_uri(window, params.registry.model_name))
+    model_id, generator = generation_model_identity(uri, adapter_dir, env.tracking_uri)
+    reference = build_generation_reference(
+        generator,
+        Path(prepared_dir),
+        params.monitoring,
+        params.generation.input_column,
+        model_id,
+        env.paths.reference_cache,
+        phone_region=params.gateway.pii_phone_region,
+    )
+    return run_generation_monitor(window, feedback, reference, env, Path(params_path))

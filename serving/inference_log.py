@@ -674,8 +674,14 @@ GENERATION_COLUMNS = (
 )
 
 
-def read_generations(db_url: str, *, last_n: int | None = None) -> pd.DataFrame:
-    """Logged generations (oldest first; ``last_n`` most recent) with their latest feedback, if any."""
+def read_generations(
+    db_url: str, *, last_n: int | None = None, since: dt.datetime | None = None
+) -> pd.DataFrame:
+    """Logged generations (oldest first; ``last_n`` most recent) with their latest feedback, if any.
+
+    ``since`` keeps the rows created at or after that time (naive times are taken as UTC), as in
+    :func:`read_window`.
+    """
     engine = open_engine(db_url)
     try:
         ensure_schema(engine)
@@ -703,6 +709,8 @@ def read_generations(db_url: str, *, last_n: int | None = None) -> pd.DataFrame:
             .where(predictions.c.generated.is_not(None))
             .order_by(predictions.c.id.desc())
         )
+        if since is not None:
+            query = query.where(predictions.c.created_at >= _to_db_time(since, engine))
         if last_n is not None:
             query = query.limit(last_n)
         with engine.connect() as connection:

@@ -300,6 +300,10 @@ class MonitoringParams(_Frozen):
     # Largest share of the labelled feedback one principal (API key / JWT subject) may contribute to
     # the data the drift job appends for retraining; 1.0 = no cap.
     max_feedback_share_per_principal: float = Field(gt=0, le=1)
+    # `task: generation`: the held-out split the model answers for the reference share of valid
+    # answers, and the smallest drop of that share (absolute) that counts as output-validity drift.
+    generation_reference_split: Literal["train", "val", "test"] = "val"
+    min_validity_drop: float = Field(default=0.05, ge=0, lt=1)
 
 
 class OrchestrationParams(_Frozen):
