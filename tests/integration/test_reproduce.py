@@ -64,9 +64,13 @@ def test_a_registered_version_is_rebuilt_bit_for_bit_without_touching_the_real_s
     output = result.stdout
     assert result.returncode == 0, output + result.stderr[-3000:]
     assert "Verdict: REPRODUCED" in output
+    # A classifier's headline metrics, each compared; a generator's are not listed for it.
     for metric in HEADLINE_METRICS:
-        row = next(line for line in output.splitlines() if line.strip().startswith(metric + " "))
-        assert row.rstrip().endswith("yes"), row
+        rows = [line for line in output.splitlines() if line.strip().startswith(metric + " ")]
+        if metric.startswith("generation/") or "field" in metric:
+            assert rows == [], rows
+            continue
+        assert len(rows) == 1 and rows[0].rstrip().endswith("yes"), rows
     assert "Data md5:" in output and ": match" in output
     # Training on CPU with a fixed seed is deterministic on one machine: the weights are the same bits.
     assert "adapter_model.safetensors: equal" in output
