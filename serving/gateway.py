@@ -18,7 +18,9 @@ alias move never changes the address and never drops a request. Routing and swap
   requests only (``admin`` excepted);
 - Prometheus metrics (:mod:`serving.metrics`) at ``GET /metrics``.
 
-Every answer carries a request id (``X-Request-ID`` header, and ``request_id`` in JSON bodies).
+Every answer carries a request id (``X-Request-ID`` header, and ``request_id`` in JSON bodies): the
+caller's own ``X-Request-ID`` when it is a sane one, else a new one (:mod:`serving.logs`). It is on every
+log line written while the request is handled, and it goes on to the model server.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import io
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -66,6 +67,7 @@ from serving.limits import (
     validation_error_handler,
     validation_problems,
 )
+from serving.logs import RequestIdMiddleware, new_request_id, request_id_var
 from serving.metrics import GatewayMetrics
 from serving.model_server import invocation_body
 from serving.pii import PiiMasker
@@ -623,7 +625,9 @@ def create_app(
 
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        request.state.request_id = uuid.uuid4().hex
+        # RequestIdMiddleware (outermost, added below) has picked the id and bound it for the log.
+        if getattr(request.state, "request_id", None) is None:
+            request.state.request_id = new_request_id()
         request.state.started = time.perf_counter()
         try:
             response = await call_next(request)
@@ -633,6 +637,9 @@ def create_app(
         response.headers[REQUEST_ID_HEADER] = request.state.request_id
         _observe(request, response.status_code, getattr(request.state, "refusal", None))
         return response
+
+    # Added last, so it runs first: the id is bound before anything else (auth, limits) logs.
+    app.add_middleware(RequestIdMiddleware, header=REQUEST_ID_HEADER)
 
     def _observe(request: Request, status: int, reason: str | None) -> None:
         route = request.scope.get("route")
@@ -681,7 +688,11 @@ def create_app(
         try:
             async with pool.lease() as backend:
                 called = time.perf_counter()
-                response = await app.state.http.post(f"{backend.url}/invocations", json=request_body)
+                response = await app.state.http.post(
+                    f"{backend.url}/invocations",
+                    json=request_body,
+                    headers=_forwarded_request_id(),
+                )
                 answered = texts if response.status_code == 200 else 0
                 metrics.observe_model_call(time.perf_counter() - called, answered)
                 return response, backend.version
@@ -1045,6 +1056,12 @@ def create_app(
         return {"model_name": pool.model_name, "alias": pool.alias, "serving_version": version}
 
     return app
+
+
+def _forwarded_request_id() -> dict[str, str]:
+    """The request's id for the model server's own log (``X-Request-ID``), when inside a request."""
+    request_id = request_id_var.get()
+    return {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
 
 
 def _upstream_refusal(response: httpx.Response) -> Refusal:

@@ -298,11 +298,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.gateway import create_gateway
+    from serving.logs import configure_logging, log_format_from
     from serving.routing import BackendPool
     from serving.supervisor import AliasSupervisor, model_server_launcher, registry_version_resolver
 
     env = Environment.from_env()
     params = load_params(env.project_dir / args.params)
+    try:
+        log_format = log_format_from(params.serving.log_format, env.log_format)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    # MLflow gives its loggers a handler of their own when imported: import it first, then route them too.
+    import mlflow  # noqa: F401 - imported for its logging set-up, before ours replaces it
+
+    configure_logging(log_format, logging.INFO)
     name, settings = params.registry.model_name, params.serving
     pool = BackendPool(name, args.env)
     supervisor = AliasSupervisor(
@@ -325,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=port,
         log_level="info",
+        log_config=None,  # uvicorn's loggers go through the handler configure_logging installed
         ssl_certfile=env.tls_cert_file,
         ssl_keyfile=env.tls_key_file,
     )

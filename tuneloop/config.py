@@ -270,6 +270,9 @@ class ServingParams(_Frozen):
     # Aliases served only when the tracking server's own approval and promotion records back the
     # version (registry/server_rules.py); applies when the registry is a tracking server.
     vetted_aliases: tuple[str, ...]
+    # The gateway's log lines: `text` for a terminal, `json` (one object per line, with request_id) for
+    # a log pipeline. TUNELOOP_LOG_FORMAT overrides it.
+    log_format: Literal["text", "json"] = "text"
 
 
 class MonitoringParams(_Frozen):
@@ -476,6 +479,8 @@ class Environment(_Frozen):
     tls_key_file: Path | None = None
     # The CA that tuneloop's clients trust for the gateways (default: the system's trust store).
     tls_ca_file: Path | None = None
+    # `tuneloop serve`'s log format, overriding serving.log_format (`text` or `json`; checked at start).
+    log_format: str | None = None
     # `tuneloop up`: the MLflow admin's password (default: generated into $TUNELOOP_HOME/secrets).
     mlflow_admin_password: SecretStr | None = None
     # The identity the promotion flow acts as on the tracking server (default: the process's own).
@@ -553,6 +558,7 @@ class Environment(_Frozen):
             tls_cert_file=_optional_path("TUNELOOP_TLS_CERT_FILE"),
             tls_key_file=_optional_path("TUNELOOP_TLS_KEY_FILE"),
             tls_ca_file=_optional_path("TUNELOOP_TLS_CA_FILE"),
+            log_format=os.environ.get("TUNELOOP_LOG_FORMAT") or None,
             mlflow_admin_password=SecretStr(admin_password) if admin_password else None,
             deployer_username=os.environ.get("TUNELOOP_DEPLOYER_USERNAME") or None,
             deployer_password_file=_optional_path("TUNELOOP_DEPLOYER_PASSWORD_FILE"),
