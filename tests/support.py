@@ -275,6 +275,8 @@ def gateway_process(project: Path, name: str, tracking_uri: str, home: Path) -> 
     from serving.auth import create_api_key
     from serving.model_server import free_port
 
+    project.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["registry"]["model_name"] = name
     params["serving"].update(

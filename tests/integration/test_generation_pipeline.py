@@ -1,8 +1,8 @@
 """`task: generation` through the whole lifecycle by a params.yaml change alone: a tiny Llama built from
 a config, `tuneloop run` on the support-pairs sample (DVC stages: prepare, the GX pairs checks, supervised
 fine-tuning, the generation evaluation and its gates), register, approve, promote, a second candidate
-compared with prod by a paired test on per-example scores, and a real `mlflow models serve` answering
-for the `prod` alias with the same generations as the stage's adapter."""
+compared with prod by a paired test on per-example scores, and the gateway (`tuneloop serve`, a real
+`mlflow models serve` behind it) answering `/v1/generate` for `prod` with the version's own generations."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from serving.generation import TextGenerator
-from serving.model_server import start_model_server, wait_until_ready
 from serving.pyfunc_model import MERGED_ARTIFACT
-from tests.support import build_tiny_decoder, copy_repo_as_project, run_cli, work_in_project
+from tests.support import (
+    build_tiny_decoder,
+    copy_repo_as_project,
+    gateway_process,
+    run_cli,
+    work_in_project,
+)
 from tuneloop.config import Environment
 from tuneloop.io import read_json
 
@@ -60,7 +65,7 @@ def _succeeded(process) -> None:
 
 
 def test_the_generation_task_runs_the_pipeline_and_is_registered_promoted_and_served(
-    generation_project, tmp_path, monkeypatch
+    generation_project, tmp_path
 ):
     project = generation_project
     run = run_cli("tuneloop", "run", cwd=project)
@@ -131,26 +136,28 @@ def test_the_generation_task_runs_the_pipeline_and_is_registered_promoted_and_se
     assert 0 <= float(second.tags["tuneloop.vs_prod.p_value"]) <= 1
     assert "Wilcoxon" in second.tags["tuneloop.evaluation_card"]
 
+    # The stable address: `tuneloop serve` for prod, answering /v1/generate through the gateway.
     messages = test["message"].head(6).tolist()
-    server = start_model_server(
-        f"models:/{NAME}@prod",
-        first.version,
-        log_dir=tmp_path / "logs",
-        extra_env={"MLFLOW_TRACKING_URI": env.tracking_uri, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
-        wait_until_ready(server, 240)
-        body = {"dataframe_split": {"columns": ["text"], "data": [[m] for m in messages]}}
-        answer = httpx.post(f"{server.url}/invocations", json=body, timeout=120)
-    finally:
-        server.stop()
+    with gateway_process(tmp_path / "gateway", NAME, env.tracking_uri, tmp_path / "gateway-home") as gateway:
+        answer = httpx.post(
+            f"{gateway['url']}/v1/generate",
+            json={"texts": messages},
+            headers=gateway["headers"],
+            timeout=120,
+        )
     assert answer.status_code == 200, answer.text
-    served = [row["generated"] for row in answer.json()["predictions"]]
+    assert answer.json()["model_version"] == str(first.version)
+    served = [row["text"] for row in answer.json()["generations"]]
     # The adapter folder now holds the second training: load the first version's merged model instead.
-    # `models:/` URIs resolve against the environment's registry (as in the serving processes).
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
     first_model = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{NAME}/{first.version}", dst_path=str(tmp_path / "v1")
+        artifact_uri=client.get_model_version_download_uri(NAME, first.version), dst_path=str(tmp_path / "v1")
     )
     local = TextGenerator.load(f"{first_model}/artifacts/{MERGED_ARTIFACT}", device="cpu").generate(messages)
     assert served == [generation.text for generation in local]
+    headline = ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith("generation/"))
+    print(
+        f"\ngeneration pipeline: {headline}"
+        f"; v{first.version} prod, v{second.version} vs prod: {second.tags['tuneloop.vs_prod.verdict']} "
+        f"(Wilcoxon p = {float(second.tags['tuneloop.vs_prod.p_value']):.3g}); /v1/generate answered "
+        f"{len(served)} messages from v{answer.json()['model_version']}"
+    )
