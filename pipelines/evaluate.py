@@ -141,7 +141,7 @@ def answered_intents(outputs: Sequence[str]) -> list[str]:
     intents = []
     for text in outputs:
         parsed = parse_output(text)
-        intents.append(str(parsed["intent"]) if is_valid(parsed) else INVALID_ANSWER)
+        intents.append(str(parsed["intent"]) if parsed is not None and is_valid(parsed) else INVALID_ANSWER)
     return intents
 
 

@@ -233,8 +233,8 @@ def validate_prepared_pairs(prepared_dir: Path, params: Params, report_dir: Path
     def count_tokens(texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    splits = [pd.read_parquet(prepared_dir / f"{name}.parquet") for name in SPLITS]
-    outcome = validate_pairs(*splits, count_tokens, params.generation, params.validate_, report_dir)
+    train, val, test = (pd.read_parquet(prepared_dir / f"{name}.parquet") for name in SPLITS)
+    outcome = validate_pairs(train, val, test, count_tokens, params.generation, params.validate_, report_dir)
     if not outcome.success:
         raise DataValidationError(outcome.summary())
     return outcome

@@ -56,8 +56,8 @@ def new_request_id() -> str:
 
 def request_id_for(incoming: str | None) -> str:
     """The caller's id when it is sane, else a new one (an invalid id is never echoed back)."""
-    if is_sane_request_id(incoming):
-        return incoming  # type: ignore[return-value] - checked not None above
+    if incoming is not None and is_sane_request_id(incoming):
+        return incoming
     return new_request_id()
 
 
@@ -180,4 +180,4 @@ def log_format_from(configured: LogFormat, override: str | None) -> LogFormat:
     chosen = (override or configured).strip().lower()
     if chosen not in LOG_FORMATS:
         raise ValueError(f"TUNELOOP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {override!r}")
-    return chosen  # type: ignore[return-value] - checked above
+    return chosen
