@@ -459,6 +459,26 @@ def quality_report(quality_reference: pd.DataFrame, labelled: pd.DataFrame, labe
     return Report([ClassificationPreset()]).run(current, reference)
 
 
+def _check_inputs(
+    frames: Sequence[tuple[str, pd.DataFrame, set[str]]],
+    window_rows: int,
+    unit: str,
+    params: MonitoringParams,
+) -> None:
+    """Each named frame has its columns and rows, and the window is big enough to judge; else say which."""
+    for name, frame, needed in frames:
+        missing = needed - set(frame.columns)
+        if missing:
+            raise KeyError(f"the {name} lacks columns {sorted(missing)} (it has {list(frame.columns)})")
+        if frame.empty:
+            raise ValueError(f"the {name} is empty")
+    if window_rows < params.min_window_size:
+        raise ValueError(
+            f"the window has {window_rows} {unit}, fewer than monitoring.min_window_size "
+            f"({params.min_window_size}): too few to tell drift from noise"
+        )
+
+
 def detect_drift(
     reference: pd.DataFrame,
     quality_reference: pd.DataFrame,
@@ -481,21 +501,16 @@ def detect_drift(
         quality_html: also build Evidently's classification report of the feedback (for people; the
             flags do not depend on it).
     """
-    for name, frame, needed in (
-        ("reference", reference, {TEXT}),
-        ("quality reference", quality_reference, {TRUE_LABEL, PREDICTED}),
-        ("current window", current, {TEXT, PREDICTED}),
-    ):
-        missing = needed - set(frame.columns)
-        if missing:
-            raise KeyError(f"the {name} lacks columns {sorted(missing)} (it has {list(frame.columns)})")
-        if frame.empty:
-            raise ValueError(f"the {name} is empty")
-    if len(current) < params.min_window_size:
-        raise ValueError(
-            f"the window has {len(current)} predictions, fewer than monitoring.min_window_size "
-            f"({params.min_window_size}): too few to tell drift from noise"
-        )
+    _check_inputs(
+        (
+            ("reference", reference, {TEXT}),
+            ("quality reference", quality_reference, {TRUE_LABEL, PREDICTED}),
+            ("current window", current, {TEXT, PREDICTED}),
+        ),
+        len(current),
+        "predictions",
+        params,
+    )
     labelled = current[current[TRUE_LABEL].notna()] if TRUE_LABEL in current.columns else current.iloc[:0]
     with_quality = len(labelled) >= params.min_labelled_for_quality
     n_tests = window_test_count(with_quality)
@@ -624,21 +639,16 @@ def generation_drift(
     ``prompt_drift`` and ``validity_drift`` say which of the two kinds drifted; ``concept_drift`` is
     None (there are no labels). Five tests share ``false_alarm_rate`` (Bonferroni).
     """
-    for name, frame, needed in (
-        ("reference", reference, {TEXT}),
-        ("validity reference", validity_reference, {VALID}),
-        ("current window", current, {TEXT, GENERATED}),
-    ):
-        missing = needed - set(frame.columns)
-        if missing:
-            raise KeyError(f"the {name} lacks columns {sorted(missing)} (it has {list(frame.columns)})")
-        if frame.empty:
-            raise ValueError(f"the {name} is empty")
-    if len(current) < params.min_window_size:
-        raise ValueError(
-            f"the window has {len(current)} generations, fewer than monitoring.min_window_size "
-            f"({params.min_window_size}): too few to tell drift from noise"
-        )
+    _check_inputs(
+        (
+            ("reference", reference, {TEXT}),
+            ("validity reference", validity_reference, {VALID}),
+            ("current window", current, {TEXT, GENERATED}),
+        ),
+        len(current),
+        "generations",
+        params,
+    )
     n_tests = len(GENERATION_SIGNALS)
     alpha = params.false_alarm_rate / n_tests
     text_signals, text_snapshot = text_drift(reference, current, vocabulary, params, alpha)

@@ -608,6 +608,22 @@ class InferenceLogWriter:
         }
 
 
+def _latest_feedback_id():
+    """The id of a prediction's newest feedback row (a correlated subquery on ``predictions``)."""
+    later = feedback.alias("later")
+    return (
+        select(func.max(later.c.id))
+        .where(
+            and_(
+                later.c.request_id == predictions.c.request_id,
+                later.c.item_index == predictions.c.item_index,
+            )
+        )
+        .correlate(predictions)
+        .scalar_subquery()
+    )
+
+
 def read_window(db_url: str, *, last_n: int | None = None, since: dt.datetime | None = None) -> pd.DataFrame:
     """Logged predictions (oldest first) with their latest feedback label (None when none was given).
 
@@ -619,18 +635,7 @@ def read_window(db_url: str, *, last_n: int | None = None, since: dt.datetime | 
     engine = open_engine(db_url)
     try:
         ensure_schema(engine)
-        later = feedback.alias("later")
-        latest_feedback = (
-            select(func.max(later.c.id))
-            .where(
-                and_(
-                    later.c.request_id == predictions.c.request_id,
-                    later.c.item_index == predictions.c.item_index,
-                )
-            )
-            .correlate(predictions)
-            .scalar_subquery()
-        )
+        latest_feedback = _latest_feedback_id()
         query = select(
             predictions.c.id,
             *(predictions.c[name] for name in WINDOW_COLUMNS[:-3]),
@@ -685,18 +690,7 @@ def read_generations(
     engine = open_engine(db_url)
     try:
         ensure_schema(engine)
-        later = feedback.alias("later")
-        latest_feedback = (
-            select(func.max(later.c.id))
-            .where(
-                and_(
-                    later.c.request_id == predictions.c.request_id,
-                    later.c.item_index == predictions.c.item_index,
-                )
-            )
-            .correlate(predictions)
-            .scalar_subquery()
-        )
+        latest_feedback = _latest_feedback_id()
         query = (
             select(
                 predictions.c.id,

@@ -11,20 +11,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import httpx
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from serving.inference_log import read_generations, read_window
 from serving.model_server import start_model_server, wait_until_ready
 from serving.pii import EMAIL_MASK, PiiMasker
-from serving.pyfunc_model import log_generation_model
 from tests.integration.test_gateway_security import (  # noqa: F401 - fixtures reused: keys, log URL
     db_url,
     keys,
     make_gateway,
 )
-from tests.support import memorised_pairs, settings
+from tests.support import memorised_pairs, settings, sqlite_registry_with
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +39,7 @@ def generation_server(tiny_generator, tmp_path_factory):
     Also records how many tokens each memorised answer takes (asked of the model server directly).
     """
     home = tmp_path_factory.mktemp("generate-home")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("generate", artifact_location=str(home / "artifacts"))
-    client = MlflowClient(uri, uri)
-    client.create_registered_model(NAME)
-    with mlflow.start_run(experiment_id=experiment) as run:
-        info = log_generation_model(tiny_generator, settings("serving"))
-    client.create_model_version(NAME, info.model_uri, run.info.run_id)
+    uri, _ = sqlite_registry_with(home, NAME, [tiny_generator], base=None)
     server = start_model_server(
         f"models:/{NAME}/1",
         "1",
