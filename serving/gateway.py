@@ -25,8 +25,6 @@ log line written while the request is handled, and it goes on to the model serve
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -46,11 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.auth import Authenticator, Principal, authenticator_from_environment
+from serving.canary import Canary, live_accuracy
 from serving.inference_log import (
     FeedbackRecord,
     InferenceLogWriter,
     PredictionRecord,
     default_dead_letter_path,
+    read_window,
     utc_now,
 )
 from serving.limits import (
@@ -67,20 +67,25 @@ from serving.limits import (
     validation_error_handler,
     validation_problems,
 )
-from serving.logs import RequestIdMiddleware, new_request_id, request_id_var
+from serving.logs import RequestIdMiddleware, new_request_id
 from serving.metrics import GatewayMetrics
-from serving.model_server import invocation_body
 from serving.pii import PiiMasker
-from serving.routing import BackendPool, NoBackend
-from serving.supervisor import AliasSupervisor, SupervisorCollector
+from serving.routing import BackendPool, CircuitBreaker
+from serving.supervisor import AliasSupervisor, SupervisorCollector, registry_version_resolver
+from serving.traffic import (
+    REQUEST_ID_HEADER,
+    TrafficRouter,
+    TrafficSettings,
+    served_task,
+    upstream_refusal,
+    wrong_task,
+)
 from tuneloop.config import Environment, GatewayParams, Params
 
 log = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Model-Version"
-REQUEST_ID_HEADER = "X-Request-ID"
 SUBJECT_HEADER = "X-Subject-Id"
-RETRY_AFTER_NO_BACKEND_S = "5"
 # MLflow's scoring protocol also takes CSV; /v1 endpoints take JSON only.
 INVOCATION_TYPES = ("application/json", "text/csv")
 _HTTP_ERROR_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
@@ -317,6 +322,20 @@ class GenerateResponse(BaseModel):
 FEEDBACK_KINDS = ("true_label", "accepted", "edited_output")
 
 
+class CanaryRequest(BaseModel):
+    """``percent`` of callers to the candidate, or ``shadow`` to mirror all traffic to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    percent: float | None = Field(default=None, gt=0, le=100)
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_mode(self) -> CanaryRequest:
+        if self.shadow == (self.percent is not None):
+            raise ValueError("give either `percent` (a canary) or `shadow: true`, not both or neither")
+        return self
+
+
 class FeedbackRequest(BaseModel):
     """Feedback on one answered text: the ``request_id`` of its answer and its index in the batch, with
     exactly one of ``true_label`` (a prediction's true label), ``accepted`` (a generated answer was
@@ -395,28 +414,6 @@ def is_json_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except (ValueError, RecursionError):
         return False
-
-
-_WRONG_TASK = {
-    "classification": "the served model is a classifier; use /v1/predict",
-    "generation": "the served model generates text; use /v1/generate",
-}
-
-
-def served_task(payload: object) -> str | None:
-    """``generation`` or ``classification`` from the rows of a model server's answer; None if neither."""
-    rows = payload.get("predictions") if isinstance(payload, dict) else None
-    if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
-        return None
-    if all("generated" in row for row in rows):
-        return "generation"
-    if all("label" in row for row in rows):
-        return "classification"
-    return None
-
-
-def wrong_task(task: str) -> Refusal:
-    return Refusal(409, "wrong_model_task", _WRONG_TASK[task], served_task=task)
 
 
 def generations_from_server(payload: object, expected: int) -> list[GeneratedAnswer]:
@@ -540,13 +537,12 @@ def _only_strings(values: list[object]) -> list[str] | None:
     return strings if len(strings) == len(values) else None
 
 
-def _no_backend(error: NoBackend) -> Refusal:
-    return Refusal(503, "no_model", str(error), headers={"Retry-After": RETRY_AFTER_NO_BACKEND_S})
+def canary_caller(principal: Principal, subject: str | None) -> str:
+    """Who a canary keeps on one version: the end user (``X-Subject-Id``) when the caller names one.
 
-
-def _upstream_failed(error: httpx.HTTPError) -> Refusal:
-    log.error("model server call failed: %r", error)
-    return Refusal(502, "upstream_unavailable", f"the model server did not answer: {type(error).__name__}")
+    A service calling for many users would otherwise put all of them on one side of the canary.
+    """
+    return f"{principal.id}/{subject}" if subject else principal.id
 
 
 def create_app(
@@ -561,14 +557,19 @@ def create_app(
     drift_summary_path: Path | None = None,
     default_top_k: int,
     upstream_timeout_s: float,
+    router: TrafficRouter | None = None,
 ) -> FastAPI:
     """The gateway for one environment. With a supervisor, its alias-following loop runs in the app.
 
     ``inference_log`` is started with the app and closed (everything queued written) on shutdown;
     ``labels`` is the label set feedback is checked against; ``drift_summary_path`` makes
-    ``/metrics`` export the drift job's latest result.
+    ``/metrics`` export the drift job's latest result. ``router`` decides which model server answers
+    (breaker, fallback, canary, micro-batching, cache); without one, prod alone, one call per request.
     """
     metrics = metrics or GatewayMetrics()
+    router = router or TrafficRouter(
+        pool, metrics, TrafficSettings(), supervisor=supervisor, timeout_s=upstream_timeout_s
+    )
     metrics.watch_inference_log(inference_log)
     if supervisor is not None:
         metrics.registry.register(SupervisorCollector(supervisor))
@@ -585,20 +586,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         inference_log.start()
-        app.state.http = httpx.AsyncClient(
-            timeout=upstream_timeout_s, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        )
-        watcher = asyncio.create_task(supervisor.run_forever()) if supervisor is not None else None
+        await router.start()
+        app.state.http = router.http
         try:
             yield
         finally:
             # uvicorn calls this after in-flight requests have finished: their log rows are queued.
-            if supervisor is not None and watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-                await supervisor.shutdown()
-            await app.state.http.aclose()
+            await router.stop()
             await anyio.to_thread.run_sync(inference_log.close)
             log.info(
                 "inference log closed: %d rows written, %d dropped, %d dead-lettered (%s), %d failed",
@@ -616,6 +610,7 @@ def create_app(
     )
     app.state.inference_log = inference_log
     app.state.metrics = metrics
+    app.state.router = router
     # Starlette types a handler as taking `Exception`, so one for a subclass is rejected although
     # Starlette only calls it with that subclass (Kludex/starlette#2417; fix proposed in #2403).
     app.add_exception_handler(Refusal, refusal_handler)  # type: ignore[arg-type]
@@ -679,27 +674,6 @@ def create_app(
 
     feedback_caller = rate_limited("feedback")
     admin_caller = authenticator.require("admin")
-
-    async def call_model_server(request_body: dict, texts: int) -> tuple[httpx.Response, str]:
-        """POST to the model server now serving; no backend is a 503, a failed call a 502.
-
-        The call's time and ``texts`` (when answered) feed the cost per 1,000 predictions.
-        """
-        try:
-            async with pool.lease() as backend:
-                called = time.perf_counter()
-                response = await app.state.http.post(
-                    f"{backend.url}/invocations",
-                    json=request_body,
-                    headers=_forwarded_request_id(),
-                )
-                answered = texts if response.status_code == 200 else 0
-                metrics.observe_model_call(time.perf_counter() - called, answered)
-                return response, backend.version
-        except NoBackend as error:
-            raise _no_backend(error) from error
-        except httpx.HTTPError as error:
-            raise _upstream_failed(error) from error
 
     async def log_predictions(
         request: Request, texts: Sequence[str], predictions: list, version: str, subject: str | None
@@ -770,25 +744,26 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, **predict_schema}},
         responses=_refusals(400, 409, 413, 415, 422, 502, *_AUTH_REFUSALS),
     )
-    async def predict(request: Request, subject: SubjectHeader = None) -> PredictResponse:
-        """Label one text or a batch. Needs scope ``predict``; costs one rate-limit token per text."""
+    async def predict(request: Request, response: Response, subject: SubjectHeader = None) -> PredictResponse:
+        """Label one text or a batch. Needs scope ``predict``; costs one rate-limit token per text.
+
+        ``model_version`` (and the ``X-Model-Version`` header) says which version answered: prod,
+        the canary for callers in its share, or ``previous-prod`` while prod's breaker is open.
+        """
         request.state.created_at = utc_now()
         body = await read_json_model(request, PredictRequest, settings.max_body_bytes)
         texts = body.all_texts()
         text_limits.check(texts)
-        charge(request, len(texts))
+        principal = charge(request, len(texts))
         top_k = body.top_k or default_top_k
-        response, version = await call_model_server(invocation_body(texts, top_k=top_k), len(texts))
-        if response.status_code != 200:
-            raise _upstream_refusal(response)
-        predictions = predictions_from_server(_json_or_none(response))
-        if len(predictions) != len(texts):
-            raise Refusal(502, "upstream_error", "the model server answered a different number of texts")
-        await log_predictions(request, texts, predictions, version, subject)
+        answer = await router.predict_rows(canary_caller(principal, subject), texts, top_k)
+        predictions = predictions_from_server({"predictions": answer.rows})
+        await log_predictions(request, texts, predictions, answer.version, subject)
+        response.headers[MODEL_VERSION_HEADER] = answer.version
         return PredictResponse(
             request_id=request.state.request_id,
             model_name=pool.model_name,
-            model_version=version,
+            model_version=answer.version,
             predictions=predictions,
         )
 
@@ -836,25 +811,11 @@ def create_app(
                         problems=validation_problems(error.errors()),
                     ) from error
         text_limits.check(texts)
-        charge(request, len(texts))
-        forwarded = invocation_body(texts)
-        if params is not None:
-            forwarded["params"] = params
-        upstream, version = await call_model_server(forwarded, len(texts))
-        if upstream.status_code != 200:
-            raise _upstream_refusal(upstream)
-        rows = _prediction_rows(upstream)
-        if rows is None and served_task(_json_or_none(upstream)) == "generation":
-            raise wrong_task("generation")
-        if rows is None or len(rows) != len(texts):
-            raise Refusal(502, "upstream_error", "the model server answered a different number of texts")
-        await log_predictions(request, texts, rows, version, subject)
-        return Response(
-            upstream.content,
-            status_code=upstream.status_code,
-            media_type=upstream.headers.get("content-type"),
-            headers={MODEL_VERSION_HEADER: version},
-        )
+        principal = charge(request, len(texts))
+        top_k = (params or {}).get("top_k") or default_top_k
+        answer = await router.predict_rows(canary_caller(principal, subject), texts, top_k)
+        await log_predictions(request, texts, answer.rows, answer.version, subject)
+        return JSONResponse({"predictions": answer.rows}, headers={MODEL_VERSION_HEADER: answer.version})
 
     generate_schema = {
         "content": {
@@ -912,9 +873,9 @@ def create_app(
         reserved = max_new_tokens * len(texts)
         token_limiter.check(key, reserved)
         try:
-            upstream, version = await call_model_server(generation_body(texts, max_new_tokens), len(texts))
+            upstream, version = await router.call_prod(generation_body(texts, max_new_tokens), len(texts))
             if upstream.status_code != 200:
-                raise _upstream_refusal(upstream)
+                raise upstream_refusal(upstream)
             answers = generations_from_server(_json_or_none(upstream), len(texts))
         except BaseException:
             token_limiter.give_back(key, reserved)
@@ -1035,45 +996,76 @@ def create_app(
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "No model is being served yet"}})
+    @app.get("/readyz", responses={503: {"description": "No model can answer now"}})
     async def readyz() -> JSONResponse:
+        """Ready when a request would be answered: prod with its breaker closed, or the fallback."""
         current = pool.current
+        fallback = router.fallback_pool.current if router.fallback_pool else None
+        breaker_open = pool.breaker.is_open
+        prod_ok = current is not None and not breaker_open
+        answering = current if prod_ok else fallback
         body = {
-            "ready": current is not None,
+            "ready": answering is not None,
             "model_name": pool.model_name,
             "alias": pool.alias,
-            "model_version": current.version if current else None,
+            "model_version": answering.version if answering else None,
+            "breaker_open": breaker_open,
+            "degraded": answering is not None and not prod_ok,
         }
-        return JSONResponse(body, status_code=200 if current else 503)
+        if breaker_open:
+            body["reason"] = pool.breaker.last_reason
+        return JSONResponse(body, status_code=200 if answering else 503)
 
     @app.get("/v1/status", dependencies=[Depends(admin_caller)], responses=_refusals(*_AUTH_REFUSALS))
     async def status() -> dict:
-        """What this environment serves and its recent swaps (for operators). Scope ``admin``."""
+        """What this environment serves, its swaps, breaker, fallback and canary. Scope ``admin``."""
         if supervisor is not None:
-            return supervisor.describe()
-        current = pool.current
-        version = current.version if current else None
-        return {"model_name": pool.model_name, "alias": pool.alias, "serving_version": version}
+            described = supervisor.describe()
+        else:
+            current = pool.current
+            version = current.version if current else None
+            described = {"model_name": pool.model_name, "alias": pool.alias, "serving_version": version}
+        return described | router.describe()
+
+    @app.post(
+        "/v1/canary",
+        dependencies=[Depends(admin_caller)],
+        responses=_refusals(409, 422, *_AUTH_REFUSALS),
+    )
+    async def start_canary(request: Request, body: CanaryRequest) -> dict:
+        """Start a canary (``percent`` of callers, sticky) or a shadow (``shadow: true``). Scope ``admin``.
+
+        Loads ``canary.candidate_alias``'s version on a model server of its own first (the call
+        waits for it); 409 when it cannot be served, is prod's version, or an experiment is running.
+        """
+        principal: Principal = request.state.principal
+        if body.shadow:
+            return await router.start_candidate("shadow", 0.0, principal.id)
+        return await router.start_candidate("canary", body.percent or 0.0, principal.id)
+
+    @app.delete("/v1/canary", dependencies=[Depends(admin_caller)], responses=_refusals(409, *_AUTH_REFUSALS))
+    async def stop_canary(request: Request, reason: str = "stopped by an operator") -> dict:
+        """End the experiment (audit entry) and stop the candidate's model server. Scope ``admin``."""
+        principal: Principal = request.state.principal
+        return await router.stop_candidate(principal.id, reason[:500])
+
+    @app.get("/v1/canary", dependencies=[Depends(admin_caller)], responses=_refusals(*_AUTH_REFUSALS))
+    async def canary_report() -> dict:
+        """The comparison so far, with live accuracy from the feedback in the inference log."""
+        canary = router.canary
+        if canary is None:
+            return {"mode": None, "detail": "this gateway runs no canaries (only prod's does)"}
+        report = canary.summary()
+        if canary.started_at is not None:
+            window = await anyio.to_thread.run_sync(
+                lambda: read_window(inference_log.db_url, since=canary.started_at)
+            )
+            report["live_accuracy"] = live_accuracy(
+                window, canary.prod.version, canary.candidate.version, canary.settings.significance
+            )
+        return report
 
     return app
-
-
-def _forwarded_request_id() -> dict[str, str]:
-    """The request's id for the model server's own log (``X-Request-ID``), when inside a request."""
-    request_id = request_id_var.get()
-    return {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
-
-
-def _upstream_refusal(response: httpx.Response) -> Refusal:
-    """A model server's error as a refusal: its message only, never its stack trace."""
-    if response.status_code >= 500 or response.status_code < 400:
-        return Refusal(502, "upstream_error", f"the model server failed with HTTP {response.status_code}")
-    try:
-        message = str(response.json().get("message", ""))
-    except (ValueError, AttributeError):
-        message = response.text
-    message = message.split("Traceback", 1)[0].strip()[:500]
-    return Refusal(400, "rejected_by_model", f"the model server refused the input: {message}")
 
 
 def _json_or_none(response: httpx.Response) -> object:
@@ -1081,18 +1073,6 @@ def _json_or_none(response: httpx.Response) -> object:
         return response.json()
     except ValueError:
         return None
-
-
-def _prediction_rows(response: httpx.Response) -> list[dict] | None:
-    try:
-        rows = response.json().get("predictions")
-    except (ValueError, AttributeError):
-        return None
-    if isinstance(rows, list) and all(
-        isinstance(row, dict) and "label" in row and "score" in row for row in rows
-    ):
-        return rows
-    return None
 
 
 async def _http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -1129,17 +1109,62 @@ def create_gateway(
         write_attempts=gateway.log_write_attempts,
         dead_letter_path=dead_letter_path(gateway.log_dead_letter_path, env),
     )
+    metrics = GatewayMetrics(device_hour_usd=params.cost.device_hour_price(params.cost.serving_device))
     return create_app(
         pool,
         supervisor,
+        router=traffic_router(pool, supervisor, params, env, metrics),
         authenticator=authenticator,
         inference_log=inference_log,
         labels=params.data.labels,
         settings=gateway,
-        metrics=GatewayMetrics(device_hour_usd=params.cost.device_hour_price(params.cost.serving_device)),
+        metrics=metrics,
         drift_summary_path=env.paths.drift_summary,
         default_top_k=params.serving.default_top_k,
         upstream_timeout_s=params.serving.request_timeout_s,
+    )
+
+
+def traffic_router(
+    pool: BackendPool,
+    supervisor: AliasSupervisor | None,
+    params: Params,
+    env: Environment,
+    metrics: GatewayMetrics,
+) -> TrafficRouter:
+    """Breaker, micro-batching and cache from ``serving:``; for ``prod``, the fallback and the canary.
+
+    The fallback (``serving.fallback_alias``) and the canary's candidate (``canary.candidate_alias``)
+    get model servers of their own, started and swapped by supervisors like prod's.
+    """
+    serving = params.serving
+    pool.breaker = CircuitBreaker(serving.breaker_failures, serving.breaker_open_s)
+    settings = TrafficSettings(
+        micro_batch_max_texts=serving.micro_batch_max_texts,
+        micro_batch_max_wait_ms=serving.micro_batch_max_wait_ms,
+        cache_size=serving.cache_size,
+        health_check_interval_s=serving.health_check_interval_s,
+        model_server_workers=serving.workers,
+    )
+    follows_prod = supervisor is not None and pool.alias == "prod"
+
+    def follower(alias: str) -> tuple[BackendPool, AliasSupervisor]:
+        assert supervisor is not None
+        other = BackendPool(pool.model_name, alias)
+        resolve = registry_version_resolver(env.tracking_uri, pool.model_name, alias)
+        return other, AliasSupervisor(other, resolve, supervisor.launch, serving)
+
+    return TrafficRouter(
+        pool,
+        metrics,
+        settings,
+        supervisor=supervisor,
+        fallback=follower(serving.fallback_alias) if follows_prod and serving.fallback_alias else None,
+        canary=Canary(params.canary, env.paths.serving_dir(pool.alias) / "canary-audit.jsonl")
+        if follows_prod
+        else None,
+        candidate_factory=(lambda: follower(params.canary.candidate_alias)) if follows_prod else None,
+        timeout_s=serving.request_timeout_s,
     )
 
 

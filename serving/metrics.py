@@ -84,8 +84,8 @@ class _CostCollector(Collector):
         if per_1000 is not None:
             yield GaugeMetricFamily(
                 "tuneloop_cost_per_1000_predictions_usd",
-                "USD per 1,000 texts answered: model-server seconds measured at the gateway x the "
-                "device-hour price / texts x 1000 (since the gateway started)",
+                "USD per 1,000 predictions served: model-server seconds measured at the gateway x the "
+                "device-hour price / predictions (computed or cached) x 1000 (since the gateway started)",
                 value=per_1000,
             )
 
@@ -101,6 +101,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self._model_server_seconds = 0.0
         self._model_server_texts = 0
+        self._cached_texts = 0
         self._totals_lock = threading.Lock()
         self.model_server_seconds = Counter(
             "tuneloop_model_server_seconds",
@@ -170,6 +171,48 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.model_calls = Counter(
+            "tuneloop_model_calls",
+            "Model-server calls by version, role (prod, canary, shadow, fallback) and outcome (ok, error)",
+            ["model_version", "role", "outcome"],
+            registry=self.registry,
+        )
+        self.model_call_latency = Histogram(
+            "tuneloop_model_call_latency_seconds",
+            "Time a model server took to answer, by role (prod, canary, shadow, fallback)",
+            ["role"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.breaker_open = Gauge(
+            "tuneloop_circuit_breaker_open",
+            "1 while the breaker on the prod model server is open (requests go to the fallback or get 503)",
+            registry=self.registry,
+        )
+        self.canary_percent = Gauge(
+            "tuneloop_canary_percent",
+            "Share of callers sent to the canary version (0: no canary; shadow traffic is not counted)",
+            registry=self.registry,
+        )
+        self.canary_agreement = Counter(
+            "tuneloop_canary_comparisons",
+            "Texts answered by both prod and the shadow/canary version, by whether their labels agreed",
+            ["agreed"],
+            registry=self.registry,
+        )
+        self.micro_batch_texts = Histogram(
+            "tuneloop_micro_batch_texts",
+            "Texts per coalesced model-server call (micro-batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.cache_lookups = Counter(
+            "tuneloop_cache_lookups",
+            "Prediction-cache lookups per text, by result (hit, miss)",
+            ["result"],
+            registry=self.registry,
+        )
+
     def observe_model_call(self, seconds: float, texts: int) -> None:
         """One call to the model server: how long it took and how many texts it answered (0: failed)."""
         with self._totals_lock:
@@ -178,10 +221,16 @@ class GatewayMetrics:
         self.model_server_seconds.inc(seconds)
         self.model_server_texts.inc(texts)
 
-    def model_server_totals(self) -> tuple[float, int]:
-        """Model-server seconds and texts answered since this gateway started."""
+    def observe_cache_hits(self, texts: int) -> None:
+        """Texts answered from the prediction cache: predictions served without model-server time."""
         with self._totals_lock:
-            return self._model_server_seconds, self._model_server_texts
+            self._cached_texts += texts
+        self.cache_lookups.labels("hit").inc(texts)
+
+    def model_server_totals(self) -> tuple[float, int]:
+        """Model-server seconds, and predictions served (computed or cached) since this gateway started."""
+        with self._totals_lock:
+            return self._model_server_seconds, self._model_server_texts + self._cached_texts
 
     def set_serving(self, model_name: str, alias: str, version: str | None) -> None:
         """Point the info gauge at the version now serving (a swap moves it)."""

@@ -59,6 +59,8 @@ class SupervisorState:
     # The version the alias names but the vetter refused, with its reasons (None: nothing refused).
     refused: dict | None = None
     refusals: int = 0
+    # The alias was unset at the last check (said once, not at every poll).
+    reported_unset: bool = False
 
 
 def _now() -> str:
@@ -99,13 +101,21 @@ class AliasSupervisor:
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def check_once(self) -> SwapRecord | None:
-        """Serve the alias's version if it is not served yet; restart a server that died."""
+        """Serve the alias's version if it is not served yet; restart a server that died.
+
+        Called by the poll loop and by the gateway's health check when prod's server died; a check
+        while a swap is running does nothing (that swap decides what serves).
+        """
+        if self._swap_lock.locked():
+            return None
         wanted = await asyncio.to_thread(self.resolve)
         current = self.pool.current
         if wanted is None:
-            if current is None:
+            if current is None and not self.state.reported_unset:
                 log.warning("%s@%s is not set: nothing to serve yet", self.pool.model_name, self.pool.alias)
+            self.state.reported_unset = True
             return None
+        self.state.reported_unset = False
         if current is not None and current.version == wanted:
             if current.server is None or (current.server.alive() and current.server.owns_port()):
                 self.state.refused = None  # the alias is back on what is served: nothing is refused

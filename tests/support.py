@@ -266,8 +266,12 @@ def sqlite_registry_with(home: Path, name: str, adapters: list[Path], base: Path
 
 
 @contextlib.contextmanager
-def gateway_process(project: Path, name: str, tracking_uri: str, home: Path) -> Iterator[dict]:
+def gateway_process(
+    project: Path, name: str, tracking_uri: str, home: Path, overrides: dict[str, dict] | None = None
+) -> Iterator[dict]:
     """`tuneloop serve --env prod` of ``name`` as a real process, following the alias every 0.5 s.
+
+    ``overrides``: params.yaml sections to update, e.g. ``{"canary": {"min_requests": 20}}``.
 
     Yields its ``url``, ``process``, ``project``, ``env``, ``log`` file and admin ``headers`` (one admin
     key: the gateway refuses anonymous calls).
@@ -282,6 +286,8 @@ def gateway_process(project: Path, name: str, tracking_uri: str, home: Path) -> 
     params["serving"].update(
         poll_interval_s=0.5, drain_timeout_s=15, start_timeout_s=180, retry_failed_after_s=900
     )
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     api_key = create_api_key(home / "api_keys.json", "serving-test", ["admin"])
     port = free_port()

@@ -223,7 +223,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"server {alias} at {url}: {served}")
         if served != "not running":
             print(f"  cost per 1,000 predictions: {_serving_cost(url, env)}")
+        if served != "not running" and alias == "prod" and env.api_key is not None:
+            print("  " + _canary_status(url, env).replace("\n", "\n  "))
     return 0
+
+
+def _canary_status(gateway_url: str, env: Environment) -> str:
+    import httpx
+
+    assert env.api_key is not None
+    try:
+        response = httpx.get(
+            f"{gateway_url}/v1/canary",
+            headers={"X-API-Key": env.api_key.get_secret_value()},
+            timeout=10,
+            verify=env.tls_client_context(),
+        )
+    except httpx.HTTPError as error:
+        return f"canary: unknown (/v1/canary did not answer: {type(error).__name__})"
+    if response.status_code != 200:
+        return f"canary: unknown (/v1/canary answered HTTP {response.status_code}; needs scope admin)"
+    return canary_summary(response.json())
 
 
 def _training_cost(client: MlflowClient, run_id: str | None) -> str:
@@ -340,6 +360,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=env.tls_key_file,
     )
     return 0
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    """Start, stop or report the prod gateway's canary (``/v1/canary``, scope ``admin``)."""
+    import httpx
+
+    env = Environment.from_env()
+    if env.api_key is None:
+        print("set TUNELOOP_API_KEY to a key with scope admin", file=sys.stderr)
+        return 2
+    url = f"{env.gateway_urls['prod']}/v1/canary"
+    headers = {"X-API-Key": env.api_key.get_secret_value()}
+    params = load_params(env.project_dir / args.params)
+    try:
+        with httpx.Client(
+            headers=headers, timeout=params.serving.start_timeout_s + 30, verify=env.tls_client_context()
+        ) as client:
+            if args.stop:
+                response = client.delete(url, params={"reason": args.reason})
+            elif args.shadow or args.percent is not None:
+                body = {"shadow": True} if args.shadow else {"percent": args.percent}
+                print(f"loading {params.canary.candidate_alias} beside prod (waits for its model server)...")
+                response = client.post(url, json=body)
+            else:
+                response = client.get(url)
+    except httpx.HTTPError as error:
+        print(f"the prod gateway at {url} did not answer: {type(error).__name__}", file=sys.stderr)
+        return 1
+    report = response.json()
+    if response.status_code != 200:
+        print(f"refused ({response.status_code}): {report.get('detail', report)}", file=sys.stderr)
+        return 1
+    print(canary_summary(report))
+    return 0
+
+
+def canary_summary(report: dict) -> str:
+    """The report of ``/v1/canary`` in a few lines (the JSON has every number)."""
+    lines = []
+    if report.get("mode"):
+        share = f" at {report['percent']:g}% of callers" if report["mode"] == "canary" else ""
+        lines.append(f"{report['mode']} running{share} since {report['started_at']}")
+    else:
+        lines.append("no canary running")
+    ended = report.get("ended")
+    if ended:
+        lines.append(f"last one ended {ended['at']} by {ended['by']}: {ended['reason']}")
+        report = ended.get("report") or report
+    for side in ("prod", "candidate"):
+        stats = report.get(side) or {}
+        if stats.get("calls"):
+            lines.append(
+                f"  {side} v{stats['version']}: {stats['calls']} calls, "
+                f"error rate {stats['error_rate']:.2%}, "
+                f"p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms"
+            )
+    if report.get("agreement"):
+        agreement = report["agreement"]
+        low, high = agreement["interval"]
+        lines.append(
+            f"  agreement {agreement['share']:.1%} on {agreement['texts']} texts ({low:.1%} to {high:.1%})"
+        )
+    for name in ("error_rate_test", "latency_test"):
+        if report.get(name):
+            lines.append(
+                f"  {name.replace('_', ' ')}: {report[name]['test']}, p = {report[name]['p_value']:.3g}"
+            )
+    accuracy = report.get("live_accuracy")
+    if accuracy:
+        for side in ("prod", "candidate"):
+            figures = accuracy[side]
+            if figures["labelled"]:
+                lines.append(
+                    f"  live accuracy {side}: {figures['accuracy']:.1%} on {figures['labelled']} labelled"
+                )
+    return "\n".join(lines)
 
 
 def cmd_simulate_traffic(args: argparse.Namespace) -> int:
@@ -619,6 +715,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", default="prod")
     rollback.add_argument("--reason", default="", help="why, for the audit log")
     rollback.set_defaults(handler=cmd_rollback)
+
+    canary = commands.add_parser(
+        "canary", help="try dev on a share of prod's traffic (--percent), mirror to it (--shadow), or --stop"
+    )
+    canary_mode = canary.add_mutually_exclusive_group()
+    canary_mode.add_argument("--percent", type=float, help="share of callers (sticky) answered by dev")
+    canary_mode.add_argument("--shadow", action="store_true", help="mirror all traffic to dev; prod answers")
+    canary_mode.add_argument("--stop", action="store_true", help="end the running canary or shadow")
+    canary.add_argument(
+        "--reason", default="stopped by an operator", help="why, for the audit entry (--stop)"
+    )
+    canary.set_defaults(handler=cmd_canary)
 
     serve = commands.add_parser("serve", help="serve <model>@<env> at a stable address; swaps on alias moves")
     serve.add_argument("--env", choices=sorted(DEFAULT_GATEWAY_PORTS), default="prod")

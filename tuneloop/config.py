@@ -273,6 +273,32 @@ class ServingParams(_Frozen):
     # The gateway's log lines: `text` for a terminal, `json` (one object per line, with request_id) for
     # a log pipeline. TUNELOOP_LOG_FORMAT overrides it.
     log_format: Literal["text", "json"] = "text"
+    # Gateway micro-batching: coalesced texts per model-server call, and the first request's longest
+    # wait for others (0 = off).
+    micro_batch_max_texts: int = Field(default=64, ge=1)
+    micro_batch_max_wait_ms: float = Field(default=5, ge=0)
+    # Answers cached per gateway, keyed by version, top_k and normalised text (0 = no cache).
+    cache_size: int = Field(default=10000, ge=0)
+    # `int8`: dynamically quantised Linear layers on CPU, bf16 on GPU; `none`: as trained.
+    quantize: Literal["none", "int8"] = "none"
+    # Circuit breaker: failures in a row that open it, how long it stays open before a trial call,
+    # and how often the model server's /ping is probed.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_open_s: float = Field(default=10, gt=0)
+    health_check_interval_s: float = Field(default=2, gt=0)
+    # Alias loaded beside prod to answer while the breaker is open ("" = none).
+    fallback_alias: str = "previous-prod"
+
+
+class CanaryParams(_Frozen):
+    """`tuneloop canary`: which alias is tried on live traffic and the SLOs that end it automatically."""
+
+    candidate_alias: str = "dev"
+    # The SLOs are judged only once the canary answered this many requests.
+    min_requests: int = Field(default=50, ge=1)
+    max_error_rate: float = Field(default=0.02, ge=0, le=1)
+    max_p99_latency_ms: float = Field(default=1500, gt=0)
+    significance: float = Field(default=0.05, gt=0, lt=1)
 
 
 class MonitoringParams(_Frozen):
@@ -417,6 +443,7 @@ class Params(_Frozen):
     registry: RegistryParams
     gateway: GatewayParams
     serving: ServingParams
+    canary: CanaryParams = CanaryParams()
     monitoring: MonitoringParams
     orchestration: OrchestrationParams
     cost: CostParams

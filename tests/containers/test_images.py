@@ -161,6 +161,8 @@ def test_the_serving_container_answers_a_prediction_through_its_gateway(
         "model_name": SERVED_MODEL,
         "alias": "dev",
         "model_version": served_version,
+        "breaker_open": False,
+        "degraded": False,
     }
     assert answer.status_code == 200, answer.text + server_log
     body = answer.json()

@@ -162,7 +162,14 @@ def test_the_stable_address_serves_the_prod_version_with_top_k(gateway, registry
         assert [alt["label"] for alt in prediction["top_k"]][0] == prediction["label"]
         assert len(prediction["top_k"]) == 2
     ready = httpx.get(f"{gateway['url']}/readyz", timeout=10).json()
-    assert ready == {"ready": True, "model_name": NAME, "alias": "prod", "model_version": "1"}
+    assert ready == {
+        "ready": True,
+        "model_name": NAME,
+        "alias": "prod",
+        "model_version": "1",
+        "breaker_open": False,
+        "degraded": False,
+    }
 
 
 def test_bad_requests_get_a_4xx_that_says_what_is_wrong(gateway):
