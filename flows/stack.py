@@ -34,6 +34,13 @@ from registry.access import (
 )
 from tuneloop.config import DEFAULT_GATEWAY_PORTS, Environment
 from tuneloop.local_engines import LOCAL_S3_CREDENTIALS, STOP_SIGNAL_POSTGRES, LocalPostgres, LocalS3
+from tuneloop.prometheus import (
+    ALERT_RULES,
+    DEFAULT_PROMETHEUS_PORT,
+    prometheus_command,
+    ready_url,
+    write_prometheus_config,
+)
 from tuneloop.stores import STORE_CHOICES, ensure_bucket, ensure_databases
 from tuneloop.tracking import acting_as
 
@@ -269,8 +276,36 @@ def _stop(service: Service) -> None:
         pass
 
 
-def up(env: Environment, serve_available: bool, stores: str = "env") -> int:
-    """Start the stack, print where everything is, and stop it all on Ctrl-C or SIGTERM."""
+def prometheus_service(env: Environment, ports: StackPorts) -> Service:
+    """Prometheus on loopback scraping the stack's gateways, with the repo's alert rules.
+
+    Its scrape key (scope admin, which /metrics needs) is created once in the gateways' key file and
+    kept in ``$TUNELOOP_HOME/secrets/prometheus-scrape.key``; only its hash is in the key file.
+    """
+    from serving.auth import create_api_key
+
+    key_file = env.home_dir / "secrets" / "prometheus-scrape.key"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(create_api_key(env.api_keys_path, "prometheus-scrape", ["admin"]))
+        key_file.chmod(0o600)
+    scheme = "https" if env.tls_cert_file else "http"
+    config = write_prometheus_config(
+        env.home_dir / "prometheus",
+        {alias: f"{scheme}://127.0.0.1:{port}" for alias, port in ports.gateways.items()},
+        env.project_dir / ALERT_RULES,
+        credentials_file=key_file,
+        ca_file=Path(env.tls_cert_file) if env.tls_cert_file else None,
+    )
+    command = prometheus_command(config, env.home_dir / "prometheus" / "data", DEFAULT_PROMETHEUS_PORT)
+    return Service("prometheus", command, ready_url(DEFAULT_PROMETHEUS_PORT))
+
+
+def up(env: Environment, serve_available: bool, stores: str = "env", prometheus: bool = False) -> int:
+    """Start the stack, print where everything is, and stop it all on Ctrl-C or SIGTERM.
+
+    ``prometheus``: also Prometheus scraping the gateways, with deploy/monitoring's alert rules.
+    """
     if stores not in STORE_CHOICES:
         raise ValueError(f"--stores takes one of {STORE_CHOICES}, got {stores!r}")
     store_services, store_variables = local_store_services(env) if stores == "postgres+s3" else ([], {})
@@ -297,7 +332,8 @@ def up(env: Environment, serve_available: bool, stores: str = "env") -> int:
     # `tuneloop down` sends SIGTERM: stop the same way as on Ctrl-C.
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        for service in [*store_services, *services(env, ports, serve_available, secrets)]:
+        extra = [prometheus_service(env, ports)] if prometheus and serve_available else []
+        for service in [*store_services, *services(env, ports, serve_available, secrets), *extra]:
             if service.name == "mlflow":
                 # The servers' databases and bucket exist before the servers that use them start.
                 created = ensure_databases(env.stores)
@@ -346,6 +382,7 @@ def up(env: Environment, serve_available: bool, stores: str = "env") -> int:
                 for alias, port in ports.gateways.items()
                 if serve_available
             )
+            + (f"  Prometheus     http://127.0.0.1:{DEFAULT_PROMETHEUS_PORT}\n" if extra else "")
             + f"  stores         {env.stores.describe()}\n"
             + (
                 "                 (local S3 keeps objects in memory: `tuneloop down` loses them)\n"
@@ -394,7 +431,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up_in_background(env: Environment, stores: str = "env", seconds: float = 300) -> int:
+def up_in_background(
+    env: Environment, stores: str = "env", seconds: float = 300, prometheus: bool = False
+) -> int:
     """`tuneloop up --background`: the same supervisor, detached, logging to $TUNELOOP_HOME/logs/up.log.
 
     Returns once the stack printed that it is up (or failed), showing the same URLs.
@@ -405,7 +444,7 @@ def up_in_background(env: Environment, stores: str = "env", seconds: float = 300
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            _tuneloop("up", "--stores", stores),
+            _tuneloop("up", "--stores", stores, *(["--prometheus"] if prometheus else [])),
             cwd=env.project_dir,
             stdout=log_file,
             stderr=subprocess.STDOUT,

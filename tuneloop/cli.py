@@ -498,9 +498,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     env = Environment.from_env()
     if args.background:
-        return up_in_background(env, args.stores)
+        return up_in_background(env, args.stores, prometheus=args.prometheus)
     # The model servers need `tuneloop serve`; without it the rest of the stack still starts.
-    return up(env, serve_available="cmd_serve" in globals(), stores=args.stores)
+    return up(env, serve_available="cmd_serve" in globals(), stores=args.stores, prometheus=args.prometheus)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -762,6 +762,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="env",
         help="env: the stores TUNELOOP_DATABASE_URL / TUNELOOP_S3_URL name (SQLite and folders when unset); "
         "postgres+s3: also start a local PostgreSQL and S3 endpoint for those not named",
+    )
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start Prometheus (Debian package `prometheus`) scraping the gateways, with the alert "
+        "rules of deploy/monitoring/prometheus/alerts.yml",
     )
     up.set_defaults(handler=cmd_up)
 
