@@ -63,7 +63,14 @@ def registry(tmp_path_factory, tiny_base, tiny_adapter) -> dict:
     client.set_registered_model_alias(NAME, "prod", "2")
     client.set_registered_model_alias(NAME, "previous-prod", "1")
     client.set_registered_model_alias(NAME, "dev", "1")
-    return {"home": home, "uri": uri, "client": client, "texts": two_label_slice()["text"].tolist()}
+    frame = two_label_slice()
+    return {
+        "home": home,
+        "uri": uri,
+        "client": client,
+        "texts": frame["text"].tolist(),
+        "labels": frame["label"].tolist(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,8 @@ class Answer:
     status: int
     version: str | None
     subject: str
+    text_index: int = -1
+    request_id: str | None = None
 
 
 class Load:
@@ -113,15 +122,21 @@ class Load:
             while not self._stop.is_set():
                 started = time.monotonic()
                 subject = f"user-{count % self.subjects}"
+                text_index = count % len(self.texts)
                 headers = self.gateway["headers"] | {"X-Subject-Id": subject}
                 try:
                     response = client.post(
                         f"{self.gateway['url']}/v1/predict",
-                        json={"text": self.texts[count % len(self.texts)]},
+                        json={"text": self.texts[text_index]},
                         headers=headers,
                     )
                     answer = Answer(
-                        started, response.status_code, response.headers.get("X-Model-Version"), subject
+                        started,
+                        response.status_code,
+                        response.headers.get("X-Model-Version"),
+                        subject,
+                        text_index,
+                        response.headers.get("X-Request-ID"),
                     )
                 except httpx.HTTPError:
                     answer = Answer(started, 0, None, subject)
@@ -217,6 +232,20 @@ def test_a_canary_takes_a_sticky_share_and_reports_the_comparison(gateway, regis
         by_subject.setdefault(answer.subject, set()).add(answer.version)
     assert all(len(versions) == 1 for versions in by_subject.values()), "a caller flipped between versions"
     share = sum(a.version == "1" for a in answers) / len(answers)
+    # Feedback (the true label) on every fifth answer (within the rate-limit burst): live accuracy.
+    with httpx.Client(timeout=30, headers=gateway["headers"]) as client:
+        for answer in answers[::5]:
+            true_label = registry["labels"][answer.text_index]
+            given = client.post(
+                f"{gateway['url']}/v1/feedback",
+                json={"request_id": answer.request_id, "item_index": 0, "true_label": true_label},
+            )
+            assert given.status_code == 200, given.text
+    wait_until(
+        lambda: canary(gateway, "GET").json()["live_accuracy"]["prod"]["labelled"] > 0,
+        30,
+        "feedback in the log",
+    )
     report = canary(gateway, "GET").json()
     print(
         f"\ncanary at 20%: {len(answers)} answers, candidate share {share:.1%}; report {json.dumps(report)}"
@@ -225,7 +254,10 @@ def test_a_canary_takes_a_sticky_share_and_reports_the_comparison(gateway, regis
     assert report["mode"] == "canary" and report["candidate"]["calls"] > 0 and report["prod"]["calls"] > 0
     # v1 and v2 give opposite labels: the mirrored comparison sees them disagree.
     assert report["agreement"]["texts"] > 0 and report["agreement"]["share"] < 0.5
-    assert report["error_rate_test"] is not None and "live_accuracy" in report
+    assert report["error_rate_test"] is not None
+    live = report["live_accuracy"]
+    assert live["prod"]["labelled"] + live["candidate"]["labelled"] > 0
+    assert live["candidate_worse_test"] is None or 0 <= live["candidate_worse_test"]["p_value"] <= 1
     stopped = canary(gateway, "DELETE", params={"reason": "enough data"})
     assert stopped.status_code == 200 and stopped.json()["mode"] is None
 
