@@ -13,7 +13,6 @@ and the recovery times: breaker open, first answer by previous-prod, prod servin
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -29,7 +28,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from serving.auth import API_KEY_HEADER, create_api_key
@@ -194,15 +192,16 @@ def run_load_chaos(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.banking77 import DEFAULT_DATA_DIR
-    from benchmarks.serving_latency import MODEL_NAME, register_adapter, start_gateway
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from benchmarks.serving_latency import (
+        MODEL_NAME,
+        banking77_test,
+        register_adapter,
+        served_model_parser,
+        start_gateway,
     )
-    parser.add_argument("--adapter", type=Path, default=Path(".tuneloop/banking77/adapter"))
-    parser.add_argument("--base", default=None, help="default: params.yaml model.base")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    from tuneloop.config import load_params
+
+    parser = served_model_parser(__doc__)
     parser.add_argument("--rate", type=float, default=20, help="requests per second, all users together")
     parser.add_argument("--seconds", type=int, default=180)
     parser.add_argument("--kill-at", type=float, default=60)
@@ -210,11 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load_chaos.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.adapter / "adapter_config.json").exists():
-        raise SystemExit(f"no adapter at {args.adapter}: train one first (python -m benchmarks.banking77)")
-    texts = pd.read_csv(args.data_dir / "test.csv")["text"].astype(str).tolist()
-    from tuneloop.config import load_params
-
+    texts = banking77_test(args.adapter, args.data_dir)["text"].astype(str).tolist()
     base = args.base or load_params("params.yaml").model.base
     with tempfile.TemporaryDirectory(prefix="load-chaos-") as scratch_dir:
         scratch = Path(scratch_dir)

@@ -83,11 +83,15 @@ def register_adapter(adapter: Path, base: str, home: Path) -> str:
     return uri
 
 
-def start_gateway(project: Path, uri: str, home: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(
+    project: Path, uri: str, home: Path, serving_overrides: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`tuneloop serve` of MODEL_NAME@prod with params.yaml, ``serving_overrides`` applied."""
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["registry"]["model_name"] = MODEL_NAME
-    # One client calling back to back measures latency, not the per-key rate limit.
-    params["gateway"].update(rate_limit_per_s=10_000, rate_limit_burst=10_000)
+    # Clients calling back to back measure the serving path, not the per-key rate limit.
+    params["gateway"].update(rate_limit_per_s=100_000, rate_limit_burst=100_000)
+    params["serving"].update(serving_overrides or {})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     port = free_port()
     bin_dir = Path(sys.executable).parent
@@ -226,13 +230,29 @@ def ratios(results: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def served_model_parser(description: str | None) -> argparse.ArgumentParser:
+    """The arguments every serving benchmark takes: which adapter on which base, and banking77's folder."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--adapter", type=Path, default=Path(".tuneloop/banking77/adapter"))
     parser.add_argument("--base", default=None, help="default: params.yaml model.base")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    return parser
+
+
+def banking77_test(adapter: Path, data_dir: Path) -> pd.DataFrame:
+    """banking77's official test set, once it and ``adapter`` are known to exist (else exit, saying why)."""
+    if not (adapter / "adapter_config.json").exists():
+        raise SystemExit(f"no adapter at {adapter}: train one first (python -m benchmarks.banking77)")
+    test_csv = data_dir / "test.csv"
+    if not test_csv.exists():
+        raise SystemExit(f"banking77 not found at {data_dir} (expected test.csv)")
+    return pd.read_csv(test_csv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = served_model_parser(__doc__)
     parser.add_argument("--calls", type=int, default=100, help="timed calls per mode and batch size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
@@ -244,12 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_latency.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.adapter / "adapter_config.json").exists():
-        raise SystemExit(f"no adapter at {args.adapter}: train one first (python -m benchmarks.banking77)")
     test_csv = args.data_dir / "test.csv"
-    if not test_csv.exists():
-        raise SystemExit(f"banking77 not found at {args.data_dir} (expected test.csv)")
-    texts = pd.read_csv(test_csv)["text"].astype(str).tolist()
+    texts = banking77_test(args.adapter, args.data_dir)["text"].astype(str).tolist()
     args.base = args.base or load_params("params.yaml").model.base
     # The same thread budget on both sides: on a busy 2-core machine, torch's default of one thread per
     # core makes its OpenMP workers wait on each other and in-process latency grows several-fold.
