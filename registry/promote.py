@@ -20,7 +20,13 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from evaluation.gates import GATE_METRICS, evaluate_gates
-from registry.register import DEV_ALIAS, PROD_ALIAS, current_version, metrics_from_tags
+from registry.register import (
+    DEV_ALIAS,
+    PROD_ALIAS,
+    current_version,
+    metrics_from_tags,
+    quantized_gate_failures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,8 @@ def promotion_refusals(
             verdict = evaluate_gates(recorded, gate_thresholds)
             if not verdict["passed"]:
                 reasons.append(f"v{v} no longer passes its gates: " + "; ".join(verdict["reasons"]))
+            # A version served quantised is held to today's thresholds on its int8 figures too.
+            reasons += [f"v{v} (int8): {r}" for r in quantized_gate_failures(gate_thresholds, recorded)]
     if to in facts.aliases:
         reasons.append(f"v{v} is already `{to}`")
     return reasons

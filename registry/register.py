@@ -4,12 +4,18 @@ compare it with the current `prod` on the frozen test set, and give it the `dev`
 A version is created only once the logged model has loaded and predicted, with all its tags and its
 evaluation card in the same call; if anything after that fails the version is deleted again, so a
 crash never leaves a half-registered model behind.
+
+With ``serving.quantize: int8`` a classifier is also loaded the way it will serve (dynamic int8 on
+CPU, bf16/fp16 on a GPU) and scored on the same test texts: its accuracy and macro-F1 are logged as
+``quantized/...`` metrics, shown in the card, and held to the accuracy and macro-F1 gates, so a model
+whose quantised copy falls below them does not become `dev`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -20,10 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
+from evaluation.gates import GateResult, check_gate
 from evaluation.generation import compare_paired, per_example_scores
+from evaluation.quality import headline_metrics
 from serving.generation import GENERATION_TASK
 from serving.inference import MANIFEST_FILE
-from serving.pyfunc_model import log_generation_model, log_intent_model
+from serving.pyfunc_model import QUANTIZE_ENV, log_generation_model, log_intent_model
 from tuneloop.config import Params, RegistryParams, ServingParams
 from tuneloop.io import file_md5, read_json
 from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PREPARED_DIR
@@ -50,6 +58,10 @@ HEADLINE_METRICS = (
 )
 MAX_TAG_VALUE = 5000
 EXACT_TEST_BELOW = 25
+# Gates re-applied to the served (quantised) model's numbers: gate name -> the metric it reads there.
+QUANTIZED_GATES = {"min_accuracy": "quantized/accuracy", "min_macro_f1": "quantized/macro_f1"}
+# Recorded as version tags beside HEADLINE_METRICS, so promotion can re-check the quantised gates.
+QUANTIZED_TAGGED = ("quantized/accuracy", "quantized/macro_f1")
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,74 @@ def compare_generations(
     )
 
 
+def quantized_metrics(y_true: np.ndarray, fp32: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
+    """The quantised model against the fp32 one on the same texts (labels, not ids).
+
+    ``quantized/accuracy`` and ``quantized/macro_f1`` with their deltas to fp32 (negative: the
+    quantised copy is worse), the fp32 values they are measured against, and the share of texts on
+    which both predict the same label.
+    """
+    y_true, fp32, quantized = (np.asarray(values).astype(str) for values in (y_true, fp32, quantized))
+    full = headline_metrics(y_true, fp32)
+    small = headline_metrics(y_true, quantized)
+    return {
+        "quantized/accuracy": small["accuracy"],
+        "quantized/macro_f1": small["macro_f1"],
+        "quantized/accuracy_delta": small["accuracy"] - full["accuracy"],
+        "quantized/macro_f1_delta": small["macro_f1"] - full["macro_f1"],
+        "quantized/fp32_accuracy": full["accuracy"],
+        "quantized/fp32_macro_f1": full["macro_f1"],
+        "quantized/agreement": float(np.mean(fp32 == quantized)) if len(fp32) else 1.0,
+    }
+
+
+def quantized_gate_results(
+    thresholds: Mapping[str, float | None], metrics: Mapping[str, float]
+) -> list[GateResult]:
+    """The accuracy and macro-F1 gates applied to the quantised numbers in ``metrics``.
+
+    ``thresholds`` maps gate names to thresholds (``EvaluateParams.gate_thresholds``); a gate that is
+    off (None) or a metric that was not measured (no quantised serving) gives no result.
+    """
+    results = []
+    for gate, metric in QUANTIZED_GATES.items():
+        threshold = thresholds.get(gate)
+        if threshold is None or metric not in metrics:
+            continue
+        results.append(check_gate(f"quantized_{gate}", metric, metrics[metric], threshold, ">="))
+    return results
+
+
+def quantized_gate_failures(
+    thresholds: Mapping[str, float | None], metrics: Mapping[str, float]
+) -> list[str]:
+    """Why the quantised model fails its gates (empty when it passes or was not measured).
+
+    For promotion's re-check too: ``metrics_from_tags`` of a version includes its quantised metrics.
+    """
+    return [result.reason for result in quantized_gate_results(thresholds, metrics) if not result.passed]
+
+
+def with_quantized_gates(gates: dict, metrics: Mapping[str, float]) -> dict:
+    """``gates`` (`evaluate_gates`' verdict) plus the quantised gates, at the thresholds it applied.
+
+    A failed quantised gate fails the verdict, is listed with its reason, and so blocks `dev` through
+    :func:`dev_decision` like any other gate.
+    """
+    thresholds = {gate["name"]: gate["threshold"] for gate in gates.get("gates", [])}
+    added = quantized_gate_results(thresholds, metrics)
+    if not added:
+        return gates
+    failed = [result for result in added if not result.passed]
+    return {
+        **gates,
+        "passed": bool(gates.get("passed", False)) and not failed,
+        "failed": [*gates.get("failed", []), *(result.name for result in failed)],
+        "reasons": [*gates.get("reasons", []), *(result.reason for result in failed)],
+        "gates": [*gates.get("gates", []), *(asdict(result) for result in added)],
+    }
+
+
 def dev_decision(gates: dict, comparison: Comparison | None, require_improvement: bool) -> list[str]:
     """Why a candidate may not become `dev`; an empty list means it may."""
     reasons = [f"gate failed: {reason}" for reason in gates.get("reasons", [])]
@@ -259,6 +339,30 @@ def _cost_lines(cost: dict[str, float]) -> list[str]:
     return lines
 
 
+def _quantized_lines(quantized: dict[str, float], precision: str) -> list[str]:
+    """The card's "Quantised serving (int8)" section from :func:`quantized_metrics`."""
+    if not quantized:
+        return []
+    rows = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"))
+    lines = [
+        "",
+        "## Quantised serving (int8)",
+        "",
+        f"`serving.quantize: int8`: the model servers run it as `{precision}`. Measured on the same "
+        "test texts as the fp32 model; the accuracy and macro-F1 gates apply to the int8 numbers.",
+        "",
+        "| metric | fp32 | int8 | delta |",
+        "|---|---|---|---|",
+    ]
+    for shown, key in rows:
+        lines.append(
+            f"| {shown} | {quantized[f'quantized/fp32_{key}']:.4f} | {quantized[f'quantized/{key}']:.4f} "
+            f"| {quantized[f'quantized/{key}_delta']:+.4f} |"
+        )
+    lines.append(f"- same label as fp32 on {quantized['quantized/agreement']:.2%} of the test texts")
+    return lines
+
+
 def evaluation_card(
     name: str,
     metrics: dict[str, float],
@@ -271,9 +375,13 @@ def evaluation_card(
     lineage: Lineage,
     run_id: str,
     cost: dict[str, float] | None = None,
+    quantized: dict[str, float] | None = None,
+    quantized_precision: str = "int8-dynamic",
 ) -> str:
-    """Markdown a reviewer reads before approving: metrics vs prod, paired test, bias, behaviour, cost,
-    lineage. ``cost`` is the training run's ``cost/...`` metrics (no section when it has none)."""
+    """Markdown a reviewer reads before approving: metrics vs prod, quantised serving, gates, paired
+    test, bias, behaviour, cost, lineage. ``cost`` is the training run's ``cost/...`` metrics (no
+    section when it has none); ``quantized`` is :func:`quantized_metrics` when the model serves
+    quantised (``quantized_precision`` says how), else no section."""
     verdict = "passes: becomes `dev`" if not reasons else "blocked: " + "; ".join(reasons)
     lines = [f"# Evaluation card: {name}", "", f"**Verdict:** {verdict}", "", "## Metrics", ""]
     lines += ["| metric | candidate | prod | delta |", "|---|---|---|---|"]
@@ -287,6 +395,7 @@ def evaluation_card(
             )
         else:
             lines.append(f"| {key} | {value:.4f} | - | - |")
+    lines += _quantized_lines(quantized or {}, quantized_precision)
     lines += ["", "## Gates", ""]
     for gate in gates.get("gates", []):
         lines.append(f"- {'ok' if gate['passed'] else '**FAILED**'} `{gate['name']}`: {gate['reason']}")
@@ -351,6 +460,23 @@ def _predict_labels(model_uri: str, texts: list[str]) -> np.ndarray:
     return model.predict(pd.DataFrame({"text": texts}))["label"].to_numpy()
 
 
+def _predict_quantized(model_uri: str, texts: list[str]) -> tuple[np.ndarray, str]:
+    """Labels of the logged classifier loaded with ``quantize=int8``, and the precision that ran.
+
+    Refuses when the loaded model is not quantised (``TUNELOOP_SERVING_QUANTIZE=none`` in this
+    process overrides the model config), rather than report fp32 numbers as int8 ones.
+    """
+    model = mlflow.pyfunc.load_model(model_uri, model_config={"quantize": "int8"})
+    classifier = model.unwrap_python_model().classifier
+    if classifier.quantize != "int8":
+        raise RuntimeError(
+            f"the quantised model loaded as {classifier.precision!r}: unset {QUANTIZE_ENV} "
+            "(it overrides serving.quantize) to measure the int8 model at registration"
+        )
+    labels = model.predict(pd.DataFrame({"text": texts}))["label"].to_numpy()
+    return labels, classifier.precision
+
+
 def _field_accuracy(model_uri: str, messages: list[str], targets: list[str]) -> pd.DataFrame:
     """Per-example scores of a logged generation model's answers (`evaluation.generation`)."""
     answers = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": messages}))
@@ -372,7 +498,9 @@ def register_candidate(
 ) -> Registration:
     """Log, verify, compare, register and (when it passes) alias one candidate as `dev`.
 
-    The fluent MLflow API and ``client`` must point at the same tracking server.
+    With ``serving.quantize == "int8"`` a classifier's quantised copy is scored too (see the module
+    docstring) and ``gates`` gains its accuracy and macro-F1 gates. The fluent MLflow API and
+    ``client`` must point at the same tracking server.
     """
     manifest = read_json(Path(adapter_dir) / MANIFEST_FILE)
     run_id = manifest["mlflow_run_id"]
@@ -389,6 +517,12 @@ def register_candidate(
     prod = current_version(client, name, PROD_ALIAS)
     comparison = None
     prod_metrics: dict[str, float] = {}
+    quantized: dict[str, float] = {}
+    quantized_precision = ""
+    if generates and serving.quantize != "none":
+        log.warning(
+            "serving.quantize=%s does not apply to a generation model: it serves as trained", serving.quantize
+        )
     if generates:
         # A generator's test frame has the reference answers in `target` (register_workspace).
         targets = test_frame["target"].astype(str).tolist()
@@ -407,6 +541,19 @@ def register_candidate(
         y_true = test_frame["label"].astype(str).to_numpy()
         candidate_labels = _predict_labels(info.model_uri, texts)
         frozen_test_accuracy = float(np.mean(candidate_labels == y_true))
+        if serving.quantize == "int8":
+            quantized_labels, quantized_precision = _predict_quantized(info.model_uri, texts)
+            quantized = quantized_metrics(y_true, candidate_labels, quantized_labels)
+            gates = with_quantized_gates(gates, quantized)
+            for key, value in quantized.items():
+                client.log_metric(run_id, key, value)
+            log.info(
+                "quantised (%s) accuracy %.4f (%+.4f vs fp32), macro-F1 %.4f",
+                quantized_precision,
+                quantized["quantized/accuracy"],
+                quantized["quantized/accuracy_delta"],
+                quantized["quantized/macro_f1"],
+            )
         if prod is not None:
             prod_labels = _predict_labels(f"models:/{name}/{prod.version}", texts)
             comparison = compare_with_prod(
@@ -423,7 +570,19 @@ def register_candidate(
     run_metrics = client.get_run(run_id).data.metrics
     cost = {key: value for key, value in run_metrics.items() if key.startswith("cost/")}
     card = evaluation_card(
-        name, metrics, gates, bias, behavioural, comparison, prod_metrics, reasons, lineage, run_id, cost
+        name,
+        metrics,
+        gates,
+        bias,
+        behavioural,
+        comparison,
+        prod_metrics,
+        reasons,
+        lineage,
+        run_id,
+        cost,
+        quantized=quantized,
+        quantized_precision=quantized_precision,
     )
 
     tags = {
@@ -439,6 +598,9 @@ def register_candidate(
         "tuneloop.evaluation_card": card[:MAX_TAG_VALUE],
         **metric_tags(metrics),
     }
+    if quantized:
+        tags["tuneloop.serving_precision"] = quantized_precision
+        tags.update({f"{METRIC_TAG_PREFIX}{key}": f"{quantized[key]:.6f}" for key in QUANTIZED_TAGGED})
     if comparison is not None:
         tags.update(
             {

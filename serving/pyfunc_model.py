@@ -4,12 +4,21 @@ A PEFT model with a local base must not go through ``mlflow.transformers`` (it r
 LoRA weights), so the version carries the adapter folder and, when the base resolves to a folder, the
 base itself, and rebuilds :class:`IntentClassifier` from them on load. The ``serving`` package travels
 as code so a machine with only the registry can load the model.
+
+Quantised serving: the classifier pyfunc runs at the precision ``serving.quantize`` names. The value
+logged in its model config (``quantize``, from the settings at registration) is the default; the
+environment variable ``TUNELOOP_SERVING_QUANTIZE`` (``none`` or ``int8``) overrides it in the process
+that loads the model, which is how `tuneloop serve` passes today's ``serving.quantize`` to the model
+servers it starts (serving/supervisor.py). The generation pyfunc ignores both: it always serves the
+merged causal LM as trained.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -22,9 +31,11 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from serving.generation import TextGenerator, merge_adapter
-from serving.inference import MANIFEST_FILE, IntentClassifier, resolve_base_model
+from serving.inference import MANIFEST_FILE, QUANTIZE_CHOICES, IntentClassifier, resolve_base_model
 from tuneloop.config import ServingParams
 
+# Set by the model server's launcher to today's `serving.quantize`; overrides the logged model config.
+QUANTIZE_ENV = "TUNELOOP_SERVING_QUANTIZE"
 ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base"
 MERGED_ARTIFACT = "merged"
@@ -63,14 +74,31 @@ def predictions_frame(predictions: list[dict]) -> pd.DataFrame:
     )
 
 
+def serving_quantize(model_config: dict[str, Any] | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The precision to load at: ``TUNELOOP_SERVING_QUANTIZE`` when set and not empty, else the model
+    config's ``quantize`` (versions logged before it existed have none: ``none``)."""
+    value = environ.get(QUANTIZE_ENV, "").strip() or str((model_config or {}).get("quantize", "none"))
+    if value not in QUANTIZE_CHOICES:
+        source = QUANTIZE_ENV if environ.get(QUANTIZE_ENV, "").strip() else "the model config's quantize"
+        raise ValueError(f"{source} is {value!r}; it must be one of {', '.join(QUANTIZE_CHOICES)}")
+    return value
+
+
 class IntentPyfunc(PythonModel):
-    """Predicts label, score and top-k (JSON) for a DataFrame with a string ``text`` column."""
+    """Predicts label, score and top-k (JSON) for a DataFrame with a string ``text`` column.
+
+    Loads at the precision :func:`serving_quantize` gives (model config ``quantize``, overridden by
+    the ``TUNELOOP_SERVING_QUANTIZE`` environment variable).
+    """
 
     def load_context(self, context: PythonModelContext) -> None:
         base = context.artifacts.get(BASE_ARTIFACT)
-        self.classifier = IntentClassifier.load(context.artifacts[ADAPTER_ARTIFACT], base=base)
-        # log_intent_model's model_config: default_top_k and batch_size.
-        self.defaults: dict[str, int] = dict(context.model_config or {})
+        config = dict(context.model_config or {})
+        self.classifier = IntentClassifier.load(
+            context.artifacts[ADAPTER_ARTIFACT], base=base, quantize=serving_quantize(config)
+        )
+        # log_intent_model's model_config: default_top_k and batch_size (and quantize, read above).
+        self.defaults: dict[str, int] = {key: int(config[key]) for key in ("default_top_k", "batch_size")}
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -110,7 +138,11 @@ def log_intent_model(
         artifacts=artifacts,
         code_paths=[str(Path(serving.__file__).parent)],
         signature=model_signature(serving_params),
-        model_config={"default_top_k": serving_params.default_top_k, "batch_size": serving_params.batch_size},
+        model_config={
+            "default_top_k": serving_params.default_top_k,
+            "batch_size": serving_params.batch_size,
+            "quantize": serving_params.quantize,
+        },
         input_example=INPUT_EXAMPLE,
         pip_requirements=pinned_requirements(),
         metadata={"base_model": base, "base_bundled": BASE_ARTIFACT in artifacts},
@@ -134,7 +166,11 @@ def generation_signature(max_new_tokens: int, batch_size: int) -> ModelSignature
 
 
 class GenerationPyfunc(PythonModel):
-    """Greedy answers of the merged causal LM for a DataFrame with a string ``text`` column."""
+    """Greedy answers of the merged causal LM for a DataFrame with a string ``text`` column.
+
+    ``serving.quantize`` (and ``TUNELOOP_SERVING_QUANTIZE``) do not apply: the generator is always
+    served at the precision it was merged in; quantised generation is not built.
+    """
 
     def load_context(self, context: PythonModelContext) -> None:
         self.generator = TextGenerator.load(context.artifacts[MERGED_ARTIFACT])

@@ -273,7 +273,8 @@ def model_server_launcher(
             str(local_copy),
             version,
             log_dir=log_dir,
-            extra_env={"HF_HUB_OFFLINE": "1"},
+            # The pyfunc reads TUNELOOP_SERVING_QUANTIZE at load (serving/pyfunc_model.py).
+            extra_env={"HF_HUB_OFFLINE": "1", "TUNELOOP_SERVING_QUANTIZE": settings.quantize},
             host=host,
             workers=settings.workers,
             request_timeout_s=settings.request_timeout_s,

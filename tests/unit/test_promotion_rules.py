@@ -7,6 +7,7 @@ import pytest
 
 from registry.promote import VersionFacts, promotion_refusals, rollback_refusals
 from registry.register import (
+    METRIC_TAG_PREFIX,
     compare_generations,
     compare_with_prod,
     dev_decision,
@@ -64,6 +65,18 @@ def test_gates_are_rechecked_against_todays_thresholds():
     )
     missing = promotion_refusals(facts(), "prod", {"max_counterfactual_flip_rate": 0.1})
     assert "no recorded metric" in missing[0]
+
+
+def test_a_version_served_int8_is_rechecked_on_its_int8_figures():
+    # register_candidate tags these beside the headline metrics when serving.quantize is int8.
+    quantised = {
+        f"{METRIC_TAG_PREFIX}quantized/accuracy": "0.84",
+        f"{METRIC_TAG_PREFIX}quantized/macro_f1": "0.86",
+    }
+    thresholds = {"min_accuracy": 0.85, "min_macro_f1": 0.8}
+    reasons = promotion_refusals(facts(**quantised), "prod", thresholds)
+    assert len(reasons) == 1 and reasons[0].startswith("v3 (int8):") and "0.84" in reasons[0]
+    assert promotion_refusals(facts(), "prod", thresholds) == []  # served fp32: nothing to re-check
 
 
 def test_rollback_needs_a_previous_version_not_rejected_since():
