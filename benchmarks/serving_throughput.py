@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             name: measure_configuration(name, overrides, uri, home, scratch, texts, args.seconds)
             for name, overrides in CONFIGURATIONS.items()
         }
-    accuracy = int8_accuracy(args.adapter, args.base, texts, test["label"].astype(str).tolist())
+    accuracy = int8_accuracy(args.adapter, args.base, texts, test["category"].astype(str).tolist())
 
     def ratio(a: str, b: str, clients: int) -> float:
         key = f"clients_{clients}"

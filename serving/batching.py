@@ -49,10 +49,11 @@ class _Lane:
 class MicroBatcher:
     """Coalesces concurrent calls with the same key into model-server calls of at most ``max_texts``.
 
-    A request waits at most ``max_wait_s`` for others to join; a full batch goes at once. While
-    ``max_in_flight`` calls of a lane are running (one per model-server worker), later requests keep
-    gathering and go together when one returns, so a busy server gets fuller batches and an idle one
-    never waits longer than ``max_wait_s``. ``max_wait_s == 0`` sends every request on its own.
+    Adaptive: a request that finds no call of its lane running goes at once (an idle server is never
+    kept waiting). While calls are running, later requests gather: with a worker still free they go
+    after at most ``max_wait_s``; with all ``max_in_flight`` workers busy they go together when a
+    call returns; a full batch goes at once. So batches grow with the load and a lone caller pays no
+    wait. ``max_wait_s == 0`` turns batching off: every request is sent on its own.
 
     When a coalesced call is refused as a whole (4xx: one request's text was rejected by the model),
     each request is sent again on its own, so one caller's bad input never fails another's.
@@ -74,7 +75,7 @@ class MicroBatcher:
         waiting = _Waiting(list(texts), asyncio.get_running_loop().create_future())
         lane.pending.append(waiting)
         lane.pending_texts += len(waiting.texts)
-        if lane.pending_texts >= self.max_texts:
+        if lane.pending_texts >= self.max_texts or lane.in_flight == 0:
             self._flush(key, lane)
         elif lane.in_flight < self.max_in_flight and lane.timer is None:
             lane.timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush, key, lane)

@@ -273,8 +273,8 @@ class ServingParams(_Frozen):
     # The gateway's log lines: `text` for a terminal, `json` (one object per line, with request_id) for
     # a log pipeline. TUNELOOP_LOG_FORMAT overrides it.
     log_format: Literal["text", "json"] = "text"
-    # Gateway micro-batching: coalesced texts per model-server call, and the first request's longest
-    # wait for others (0 = off).
+    # Gateway micro-batching: coalesced texts per model-server call, and the longest wait for others
+    # while a model-server worker is free (0 = off; an idle server is never kept waiting).
     micro_batch_max_texts: int = Field(default=64, ge=1)
     micro_batch_max_wait_ms: float = Field(default=5, ge=0)
     # Answers cached per gateway, keyed by version, top_k and normalised text (0 = no cache).

@@ -18,7 +18,7 @@ def echo_rows(texts: list[str]) -> list[dict]:
     return [{"label": text.upper(), "score": 1.0, "top_k": "[]"} for text in texts]
 
 
-def test_concurrent_requests_share_one_call_and_each_gets_its_own_rows() -> None:
+def test_requests_arriving_while_a_call_runs_share_the_next_call_and_get_their_own_rows() -> None:
     calls: list[list[str]] = []
 
     async def send(key, texts):
@@ -33,7 +33,8 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_rows() -> None
         return requests, answers
 
     requests, answers = asyncio.run(scenario())
-    assert len(calls) == 1 and len(calls[0]) == 15
+    # The first finds the server idle and goes at once; the nine behind it go together.
+    assert [len(call) for call in calls] == [1, 14]
     for texts, answer in zip(requests, answers, strict=True):
         assert [row["label"] for row in answer.rows] == [text.upper() for text in texts]
         assert answer.version == "7"
@@ -47,13 +48,26 @@ def test_a_full_batch_goes_at_once_and_keys_never_mix() -> None:
         return BatchAnswer(echo_rows(texts), "1")
 
     async def scenario():
-        batcher = MicroBatcher(send, max_texts=4, max_wait_s=10)  # only a full batch can go
-        first = [batcher.submit(("prod", 3), [f"t{i}"]) for i in range(4)]
+        batcher = MicroBatcher(send, max_texts=4, max_wait_s=10, max_in_flight=2)
+        opening = [batcher.submit(("prod", 3), ["t0"]), batcher.submit(("prod", 5), ["x0"])]
+        # Each lane has one call running and a worker free: only a full batch goes before 10 s.
+        first = [batcher.submit(("prod", 3), [f"t{i}"]) for i in range(1, 5)]
         other = batcher.submit(("prod", 5), ["x"] * 4)
-        await asyncio.wait_for(asyncio.gather(*first, other), timeout=2)
+        await asyncio.wait_for(asyncio.gather(*opening, *first, other), timeout=2)
 
     asyncio.run(scenario())
-    assert sorted(calls) == [(("prod", 3), 4), (("prod", 5), 4)]
+    assert sorted(calls) == [(("prod", 3), 1), (("prod", 3), 4), (("prod", 5), 1), (("prod", 5), 4)]
+
+
+def test_a_lone_request_to_an_idle_server_is_not_kept_waiting() -> None:
+    async def send(key, texts):
+        return BatchAnswer(echo_rows(texts), "1")
+
+    async def scenario():
+        batcher = MicroBatcher(send, max_texts=64, max_wait_s=10)
+        return await asyncio.wait_for(batcher.submit("k", ["alone"]), timeout=1)
+
+    assert asyncio.run(scenario()).rows[0]["label"] == "ALONE"
 
 
 def test_without_a_wait_every_request_is_sent_alone() -> None:
@@ -72,7 +86,11 @@ def test_without_a_wait_every_request_is_sent_alone() -> None:
 
 
 def test_one_callers_rejected_text_does_not_fail_the_others_in_its_batch() -> None:
+    calls: list[list[str]] = []
+
     async def send(key, texts):
+        calls.append(list(texts))
+        await asyncio.sleep(0.01)
         if "bad" in texts:
             raise Refusal(400, "rejected_by_model", "the model server refused the input: bad")
         return BatchAnswer(echo_rows(texts), "1")
@@ -80,10 +98,14 @@ def test_one_callers_rejected_text_does_not_fail_the_others_in_its_batch() -> No
     async def scenario():
         batcher = MicroBatcher(send, max_texts=64, max_wait_s=0.05)
         return await asyncio.gather(
-            batcher.submit("k", ["good"]), batcher.submit("k", ["bad"]), return_exceptions=True
+            batcher.submit("k", ["first"]),  # keeps the server busy, so the next two share a call
+            batcher.submit("k", ["good"]),
+            batcher.submit("k", ["bad"]),
+            return_exceptions=True,
         )
 
-    good, bad = asyncio.run(scenario())
+    _, good, bad = asyncio.run(scenario())
+    assert calls[1] == ["good", "bad"]  # coalesced, refused as a whole, then each sent alone
     assert isinstance(good, BatchAnswer) and good.rows[0]["label"] == "GOOD"
     assert isinstance(bad, Refusal) and bad.status == 400
 
