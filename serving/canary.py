@@ -119,11 +119,13 @@ class Canary:
     def active(self) -> bool:
         return self.mode is not None
 
-    def start(self, mode: Mode, percent: float, actor: str, prod_version: str | None) -> AuditEntry:
+    def start(
+        self, mode: Mode, percent: float, actor: str, prod_version: str | None, candidate_version: str | None
+    ) -> AuditEntry:
         self.mode, self.percent = mode, (percent if mode == "canary" else 0.0)
         self.started_at = dt.datetime.now(dt.UTC)
         self.ended = None
-        self.prod, self.candidate = VersionStats(), VersionStats()
+        self.prod, self.candidate = VersionStats(prod_version), VersionStats(candidate_version)
         self.compared = self.agreed = 0
         reason = f"{mode} started" + (f" at {percent:g}%" if mode == "canary" else "")
         return self._audit("start", actor, reason, prod_version)

@@ -418,10 +418,7 @@ class TrafficRouter:
                 409, "same_version", f"{pool.alias} and prod are both v{prod.version}: nothing to compare"
             )
         self.candidate_pool, self.candidate_supervisor = pool, supervisor
-        self.canary.candidate.version = pool.current.version
-        self.canary.start(mode, percent, actor, prod.version)
-        self.canary.prod.version = prod.version
-        self.canary.candidate.version = pool.current.version
+        self.canary.start(mode, percent, actor, prod.version, pool.current.version)
         self._candidate_task = asyncio.create_task(supervisor.run_forever())
         return self.canary.summary()
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,6 +317,16 @@ def gateway_process(
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=60)
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    """Poll ``condition`` every 0.2 s; fail saying ``what`` was awaited when ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 def tracked_files() -> list[str]:

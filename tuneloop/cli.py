@@ -29,6 +29,7 @@ from tuneloop.paths import (
 from tuneloop.stores import STORE_CHOICES
 
 if TYPE_CHECKING:
+    import httpx
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("tuneloop")
@@ -229,21 +230,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _canary_status(gateway_url: str, env: Environment) -> str:
+    answer = _admin_get(gateway_url, "/v1/canary", env, timeout_s=10)
+    return f"canary: unknown: {answer}" if isinstance(answer, str) else canary_summary(answer.json())
+
+
+def _admin_get(gateway_url: str, path: str, env: Environment, timeout_s: float) -> httpx.Response | str:
+    """GET one of the gateway's admin endpoints with TUNELOOP_API_KEY; a 200, or why there is none."""
     import httpx
 
-    assert env.api_key is not None
+    if env.api_key is None:
+        return f"set TUNELOOP_API_KEY to a key with scope admin to read the gateway's {path}"
     try:
         response = httpx.get(
-            f"{gateway_url}/v1/canary",
+            f"{gateway_url}{path}",
             headers={"X-API-Key": env.api_key.get_secret_value()},
-            timeout=10,
+            timeout=timeout_s,
             verify=env.tls_client_context(),
         )
     except httpx.HTTPError as error:
-        return f"canary: unknown (/v1/canary did not answer: {type(error).__name__})"
+        return f"{path} did not answer ({type(error).__name__})"
     if response.status_code != 200:
-        return f"canary: unknown (/v1/canary answered HTTP {response.status_code}; needs scope admin)"
-    return canary_summary(response.json())
+        return f"{path} answered HTTP {response.status_code} (TUNELOOP_API_KEY needs scope admin)"
+    return response
 
 
 def _training_cost(client: MlflowClient, run_id: str | None) -> str:
@@ -257,23 +265,12 @@ def _training_cost(client: MlflowClient, run_id: str | None) -> str:
 
 def _serving_cost(gateway_url: str, env: Environment) -> str:
     """The gateway's ``tuneloop_cost_per_1000_predictions_usd`` (its /metrics needs scope ``admin``)."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    if env.api_key is None:
-        return "unknown: set TUNELOOP_API_KEY to a key with scope admin to read the gateway's /metrics"
-    try:
-        response = httpx.get(
-            f"{gateway_url}/metrics",
-            headers={"X-API-Key": env.api_key.get_secret_value()},
-            timeout=3,
-            verify=env.tls_client_context(),
-        )
-    except httpx.HTTPError as error:
-        return f"unknown: /metrics did not answer ({type(error).__name__})"
-    if response.status_code != 200:
-        return f"unknown: /metrics answered HTTP {response.status_code} (TUNELOOP_API_KEY needs scope admin)"
-    for family in text_string_to_metric_families(response.text):
+    answer = _admin_get(gateway_url, "/metrics", env, timeout_s=3)
+    if isinstance(answer, str):
+        return f"unknown: {answer}"
+    for family in text_string_to_metric_families(answer.text):
         if family.name == "tuneloop_cost_per_1000_predictions_usd" and family.samples:
             usd = family.samples[0].value
             return f"${usd:.6f} (model-server time x list price, since the gateway started)"

@@ -30,6 +30,7 @@ from tests.support import (
     reversed_label_copy,
     sqlite_registry_with,
     two_label_slice,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -136,15 +137,6 @@ class RequestStream:
 
 def served_status(gateway) -> dict:
     return httpx.get(f"{gateway['url']}/v1/status", headers=gateway["headers"], timeout=10).json()
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 def test_the_stable_address_serves_the_prod_version_with_top_k(gateway, registry):

@@ -30,6 +30,7 @@ from tests.support import (
     settings,
     sqlite_registry_with,
     two_label_slice,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -82,15 +83,6 @@ def gateway(registry, tmp_path_factory):
 
 def status(gateway) -> dict:
     return httpx.get(f"{gateway['url']}/v1/status", headers=gateway["headers"], timeout=10).json()
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 @dataclass

@@ -173,7 +173,7 @@ def test_callers_are_sticky_and_spread_by_hash() -> None:
 def test_the_canary_ends_on_an_slo_breach_with_an_audit_entry(tmp_path) -> None:
     settings = CanaryParams(min_requests=20, max_error_rate=0.05, max_p99_latency_ms=200)
     canary = Canary(settings, tmp_path / "audit.jsonl")
-    canary.start("canary", 20, "api_key:ops", "2")
+    canary.start("canary", 20, "api_key:ops", "2", "3")
     for _ in range(19):
         canary.record("candidate", "3", True, 900)
         canary.record("prod", "2", True, 30)
@@ -192,7 +192,7 @@ def test_the_canary_ends_on_an_slo_breach_with_an_audit_entry(tmp_path) -> None:
 
 def test_error_rates_are_compared_with_a_test(tmp_path) -> None:
     canary = Canary(CanaryParams(min_requests=50, max_error_rate=0.02), tmp_path / "audit.jsonl")
-    canary.start("shadow", 0, "ops", "2")
+    canary.start("shadow", 0, "ops", "2", "3")
     for index in range(100):
         canary.record("prod", "2", True, 10)
         canary.record("candidate", "3", index % 10 != 0, 10)
