@@ -318,8 +318,9 @@ def up(env: Environment, serve_available: bool, stores: str = "env", prometheus:
     logs.mkdir(parents=True, exist_ok=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
     pid_path = env.home_dir / PID_FILE
-    if pid_path.exists() and _alive(int(pid_path.read_text())):
-        print(f"a stack is already running (pid {pid_path.read_text().strip()}): `tuneloop down` first")
+    running = running_stack_pid(env.home_dir)
+    if running is not None:
+        print(f"a stack is already running (pid {running}): `tuneloop down` first")
         return 1
     pid_path.write_text(str(os.getpid()))
     environ = stack_environment(env, ports)
@@ -419,6 +420,15 @@ def up(env: Environment, serve_available: bool, stores: str = "env", prometheus:
             _stop(service)
             print(f"stopped {service.name}", flush=True)
         pid_path.unlink(missing_ok=True)
+
+
+def running_stack_pid(home: Path) -> int | None:
+    """The pid of the stack started with this home, if one runs."""
+    pid_path = home / PID_FILE
+    if not pid_path.exists():
+        return None
+    pid = int(pid_path.read_text())
+    return pid if _alive(pid) else None
 
 
 def _alive(pid: int) -> bool:

@@ -506,6 +506,26 @@ def cmd_down(args: argparse.Namespace) -> int:
     return down(Environment.from_env())
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole loop as a story (flows/demo.py); its servers are named before Prefect is imported."""
+    from flows.stack import StackPorts
+
+    env = Environment.from_env()
+    ports = StackPorts.from_env(env)
+    os.environ.update(
+        {
+            "TUNELOOP_HOME": str(env.home_dir),
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports.mlflow}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
+            "PREFECT_HOME": str(env.home_dir / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
+    from flows.demo import run_demo
+
+    return run_demo(env.project_dir, load_params(env.project_dir / args.params), Environment.from_env)
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     """One drift check now (the `monitor-drift` flow runs the same step on its schedule)."""
     import json
@@ -767,6 +787,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rules of deploy/monitoring/prometheus/alerts.yml",
     )
     up.set_defaults(handler=cmd_up)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole loop once, as a story with each step's numbers and time: train, approve, promote, "
+        "serve, drift, retrain, hot swap, rollback; leaves the UIs running (`tuneloop down` stops them)",
+    )
+    demo.set_defaults(handler=cmd_demo)
 
     down = commands.add_parser("down", help="stop a stack started with `tuneloop up --background`")
     down.set_defaults(handler=cmd_down)

@@ -301,6 +301,19 @@ class CanaryParams(_Frozen):
     significance: float = Field(default=0.05, gt=0, lt=1)
 
 
+class DemoParams(_Frozen):
+    """`tuneloop demo`: how much traffic each scene sends, and how long a step may take before it fails."""
+
+    stable_requests: int = Field(default=200, ge=1)
+    # The drift job reads the newest monitoring.window_size predictions: fill it with drifted ones.
+    drifted_requests: int = Field(default=500, ge=1)
+    request_rate_per_s: float = Field(default=20.0, gt=0)
+    seed: int = 0
+    stack_timeout_s: float = Field(default=300, gt=0)
+    serve_timeout_s: float = Field(default=300, gt=0)
+    training_timeout_s: float = Field(default=1800, gt=0)
+
+
 class MonitoringParams(_Frozen):
     """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
 
@@ -445,6 +458,7 @@ class Params(_Frozen):
     serving: ServingParams
     canary: CanaryParams = CanaryParams()
     monitoring: MonitoringParams
+    demo: DemoParams = DemoParams()
     orchestration: OrchestrationParams
     cost: CostParams
 
