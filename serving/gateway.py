@@ -453,8 +453,13 @@ def generation_body(texts: Sequence[str], max_new_tokens: int) -> dict:
     }
 
 
+def _top_k(value: object) -> Any:
+    """A row's ``top_k``: the pyfunc sends it as a JSON string, so that every MLflow format carries it."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def predictions_from_server(payload: object) -> list[Prediction]:
-    """The pyfunc's rows (``top_k`` is a JSON string so every MLflow format carries it) as objects.
+    """The pyfunc's rows (``top_k`` a JSON string, or already a list) as objects.
 
     An answer of another shape is the model server's failure (502), never a 500 of ours; a generation
     model's answer is a 409 that says to use /v1/generate.
@@ -464,13 +469,20 @@ def predictions_from_server(payload: object) -> list[Prediction]:
     try:
         rows = payload["predictions"]  # type: ignore[index]
         return [
-            Prediction(label=row["label"], score=row["score"], top_k=json.loads(row["top_k"])) for row in rows
+            Prediction(label=row["label"], score=row["score"], top_k=_top_k(row["top_k"])) for row in rows
         ]
     except (KeyError, TypeError, ValueError, ValidationError) as error:
         log.error("model server answered with an unexpected shape: %r", error)
         raise Refusal(
             502, "upstream_error", "the model server gave an answer the gateway cannot read"
         ) from error
+
+
+def invocation_rows(rows: list[dict]) -> list[dict]:
+    """The records ``/invocations`` answers with: ``top_k`` a JSON array of ``{label, score}``, the shape
+    MLflow's scoring server gives a list column, so that a client need not parse a string inside the JSON.
+    """
+    return [prediction.model_dump() for prediction in predictions_from_server({"predictions": rows})]
 
 
 def texts_of_invocation(payload: object) -> list[str] | None:
@@ -772,7 +784,10 @@ def create_app(
         dependencies=[Depends(predict_caller)],
         openapi_extra={"requestBody": {"required": True, "content": invocation_content(text_limits)}},
         responses={
-            200: {"description": "MLflow's answer, unchanged", "content": {"application/json": {}}},
+            200: {
+                "description": "MLflow's answer: `predictions` records, a classifier's `top_k` a JSON array",
+                "content": {"application/json": {}},
+            },
             **_refusals(400, 409, 413, 415, 422, 502, *_AUTH_REFUSALS),
         },
     )
@@ -782,7 +797,8 @@ def create_app(
         JSON (``dataframe_split``, ``dataframe_records``, ``inputs``, ``instances``, with optional
         ``params``) or CSV with a ``text`` column: held to the same limits as ``/v1/predict``, charged
         per text, logged. The model server gets the texts the gateway checked (as ``dataframe_split``),
-        so what is predicted is exactly what is logged; its answer comes back unchanged.
+        so what is predicted is exactly what is logged; its answer comes back as MLflow's records, with a
+        classifier's ``top_k`` a JSON array of ``{label, score}`` rather than the pyfunc's JSON string.
         """
         request.state.created_at = utc_now()
         raw = await read_body(request, settings.max_body_bytes, INVOCATION_TYPES)
@@ -815,7 +831,9 @@ def create_app(
         top_k = (params or {}).get("top_k") or default_top_k
         answer = await router.predict_rows(canary_caller(principal, subject), texts, top_k)
         await log_predictions(request, texts, answer.rows, answer.version, subject)
-        return JSONResponse({"predictions": answer.rows}, headers={MODEL_VERSION_HEADER: answer.version})
+        return JSONResponse(
+            {"predictions": invocation_rows(answer.rows)}, headers={MODEL_VERSION_HEADER: answer.version}
+        )
 
     generate_schema = {
         "content": {

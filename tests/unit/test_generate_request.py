@@ -3,6 +3,8 @@ OpenAPI schemas, reading the model server's rows, and the token bucket's reserve
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import pytest
 from pydantic import ValidationError
@@ -14,6 +16,7 @@ from serving.gateway import (
     generate_request_schema,
     generation_body,
     generations_from_server,
+    invocation_rows,
     is_json_object,
     predictions_from_server,
     served_task,
@@ -104,6 +107,19 @@ def test_generations_are_read_with_their_counts_and_json_validity() -> None:
         ('{"intent": "x"}', 12, 7, True),
         ("not json", 3, 2, False),
     ]
+
+
+def test_invocations_answer_top_k_as_a_json_array_whether_the_pyfunc_sent_a_string_or_a_list() -> None:
+    alternatives = [{"label": "cancel_order", "score": 0.9}, {"label": "return_item", "score": 0.1}]
+    as_string = {"label": "cancel_order", "score": 0.9, "top_k": json.dumps(alternatives)}
+    as_list = {**as_string, "top_k": alternatives}
+    for rows in ([as_string], [as_list]):
+        (pred,) = invocation_rows(rows)
+        assert isinstance(pred["top_k"], list) and pred["top_k"] == alternatives
+        assert json.loads(json.dumps({"predictions": [pred]}))["predictions"][0] == as_list
+    with pytest.raises(Refusal) as refused:
+        invocation_rows([{**as_string, "top_k": "not json"}])
+    assert refused.value.status == 502
 
 
 def test_a_classifier_behind_generate_is_409_and_a_generator_behind_predict_too() -> None:
