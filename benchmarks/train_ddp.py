@@ -113,7 +113,8 @@ def run_stage(work: Path, params: Path, name: str, extra_env: dict[str, str]) ->
     if finished.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({finished.returncode}):\n{finished.stderr[-4000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {**metrics, "stage_wall_seconds": round(wall, 2)}
+    timing = json.loads((out / "timing.json").read_text())
+    return {**metrics, **timing, "stage_wall_seconds": round(wall, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,12 +19,14 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
+    PrinterCallback,
     Trainer,
     set_seed,
 )
 
 from pipelines.train import (
     EpochLogger,
+    TrainingRefused,
     TrainResult,
     _checkpoint_dir,
     _EpochRecorder,
@@ -80,7 +82,7 @@ def check_sequence_length(config, generation: GenerationParams) -> None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = generation.max_input_tokens + max(generation.max_target_tokens, generation.max_new_tokens) + 1
     if positions and longest > positions:
-        raise ValueError(
+        raise TrainingRefused(
             f"generation.max_input_tokens + max_target_tokens/max_new_tokens + 1 = {longest} tokens, but the "
             f"base model has {positions} positions: lower them in params.yaml"
         )
@@ -151,6 +153,8 @@ def train_generator(
                 EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience),
             ],
         )
+        # As in `train`: off a terminal the recorder's line per epoch replaces the printed log dicts.
+        trainer.remove_callback(PrinterCallback)
         output = trainer.train()
         best_epoch = next(
             (row["epoch"] for row in recorder.history if row["val_loss"] == trainer.state.best_metric), None

@@ -11,6 +11,7 @@ launch) it runs as its rank. Only rank 0 logs, writes files and talks to MLflow.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     PreTrainedModel,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -58,11 +60,16 @@ from serving.inference import (
 from tuneloop.config import CostParams, Environment, ModelParams, Params, TrainParams, load_params
 from tuneloop.io import read_json, write_json
 from tuneloop.paths import ADAPTER_DIR, PREPARED_DIR, TRAIN_METRICS, TRAINING_HISTORY
+from tuneloop.progress import epoch_line, interactive, quiet_library_bars
 from tuneloop.tracking import flatten, git_commit, use_experiment
 
 log = logging.getLogger(__name__)
 
 EpochLogger = Callable[[dict], None]
+
+
+class TrainingRefused(ValueError):
+    """Settings or inputs training cannot start with; the stage prints why and exits without a traceback."""
 
 
 class EncodedTexts(torch.utils.data.Dataset):
@@ -140,9 +147,9 @@ def per_process_batch(batch_size: int, processes: int) -> int:
     An uneven split would change the effective batch (and so the optimisation) with the process count.
     """
     if processes < 1:
-        raise ValueError(f"train.processes must be at least 1, not {processes}")
+        raise TrainingRefused(f"train.processes must be at least 1, not {processes}")
     if batch_size % processes:
-        raise ValueError(
+        raise TrainingRefused(
             f"train.batch_size {batch_size} is the global batch and must split evenly over "
             f"{processes} processes; choose a multiple of {processes}"
         )
@@ -172,7 +179,11 @@ def _checkpoint_dir(ranks: Ranks) -> Iterator[str]:
 
 
 class _EpochRecorder(TrainerCallback):
-    """Collects per-epoch train loss and validation metrics, times the loop, and forwards each epoch."""
+    """Collects per-epoch train loss and validation metrics, times the loop, and forwards each epoch.
+
+    Off a terminal (the Trainer's bar disabled, see `training_arguments`) it also logs each epoch as one
+    line, which is then the whole of the training progress in a log file.
+    """
 
     def __init__(self, on_epoch: EpochLogger | None):
         self.on_epoch = on_epoch
@@ -204,6 +215,8 @@ class _EpochRecorder(TrainerCallback):
             },
         }
         self.history.append(row)
+        if args.disable_tqdm and state.is_world_process_zero:
+            log.info(epoch_line(row, args.num_train_epochs))
         if self.on_epoch:
             self.on_epoch(row)
 
@@ -243,7 +256,7 @@ def lora_config(
     """
     targets = None if params.target_modules == "auto" else params.target_modules
     if targets is None and base.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        raise ValueError(
+        raise TrainingRefused(
             f"train.target_modules is `auto` but peft has no default modules for model type "
             f"'{base.config.model_type}': name them, or use `all-linear`"
         )
@@ -260,7 +273,7 @@ def to_ids(labels: pd.Series, label_names: tuple[str, ...]) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not in data.labels; did `validate` run?")
+        raise TrainingRefused(f"labels {unknown[:5]} are not in data.labels; did `validate` run?")
     return [index[label] for label in labels]
 
 
@@ -297,6 +310,8 @@ def training_arguments(
         bf16=device.bf16,
         use_cpu=device.device.type == "cpu",
         report_to="none",
+        # A bar redrawn every step floods a log file: off a terminal _EpochRecorder logs each epoch instead.
+        disable_tqdm=not interactive(),
         dataloader_num_workers=0,
         # None for one process: a backend named without a process group is refused by accelerate.
         ddp_backend=ranks.backend,
@@ -324,9 +339,21 @@ def save_adapter(trained: PeftModel, tokenizer, out_dir: Path, json_files: dict[
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     trained.save_pretrained(str(out_dir))
+    _sort_module_sets(out_dir / "adapter_config.json")
     tokenizer.save_pretrained(out_dir)
     for name, content in json_files.items():
         write_json(out_dir / name, content)
+
+
+def _sort_module_sets(config_file: Path) -> None:
+    """Sort the module names peft keeps as sets and writes in hash order, which changes from process to
+    process: the same training must give the same bytes, since DVC records the adapter's md5 in dvc.lock.
+    """
+    config = read_json(config_file)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def train(
@@ -347,7 +374,7 @@ def train(
     device = select_device(params.device)
     ranks = join_processes(device)
     if params.processes > 1 and ranks.world_size == 1:
-        raise ValueError(
+        raise TrainingRefused(
             f"train.processes is {params.processes} but this process was not started by a launcher: run "
             "`python -m pipelines.train` (it starts the processes) or torchrun / accelerate launch"
         )
@@ -414,6 +441,8 @@ def train(
                 EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience),
             ],
         )
+        # Without a bar the Trainer prints each log dict (two per epoch); the recorder's line replaces them.
+        trainer.remove_callback(PrinterCallback)
         output = trainer.train()
         best_checkpoint = trainer.state.best_model_checkpoint
         best_epoch = next(
@@ -449,6 +478,30 @@ def train(
         processes=ranks.world_size,
         ddp_backend=ranks.backend,
     )
+
+
+# Figures that depend on how long the run took rather than on its inputs (the same run twice gives other
+# values): MLflow and the timing file get them, never a DVC metrics file, whose md5 dvc.lock records.
+TIMED_METRICS = frozenset(
+    {
+        "train/examples_per_second",
+        "train/loop_seconds",
+        "train/total_seconds",
+        "cost/device_hours",
+        "cost/training_usd",
+    }
+)
+# Evaluation's timings (pipelines/evaluate.py, pipelines/evaluate_generation.py) are named by prefix.
+TIMED_PREFIXES = ("latency/", "speed/")
+# Untracked (reports/ is in .gitignore) and not a DVC output: a fresh clone's run leaves git's files alone.
+TRAIN_TIMING = Path("reports/timing/train.json")
+
+
+def split_timed(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``metrics`` as (reproducible, timed): what a rerun on the same inputs repeats, and the wall-clock
+    figures that it does not (:data:`TIMED_METRICS`, :data:`TIMED_PREFIXES`)."""
+    timed = {k: v for k, v in metrics.items() if k in TIMED_METRICS or k.startswith(TIMED_PREFIXES)}
+    return {k: v for k, v in metrics.items() if k not in timed}, timed
 
 
 def train_metrics(
@@ -499,6 +552,8 @@ def stage_command(python: str, params: Path, prepared: Path, out: Path) -> list[
         str(out / "adapter"),
         "--metrics-path",
         str(out / "metrics.json"),
+        "--timing-path",
+        str(out / "timing.json"),
         "--history-path",
         str(out / "history.csv"),
     ]
@@ -563,7 +618,7 @@ def launch_and_wait(params: TrainParams, device: DeviceChoice, stage_args: Seque
     """
     per_process_batch(params.batch_size, params.processes)
     if device.device.type == "cuda" and torch.cuda.device_count() < params.processes:
-        raise ValueError(
+        raise TrainingRefused(
             f"train.processes is {params.processes} but torch sees {torch.cuda.device_count()} CUDA "
             "device(s): NCCL needs one device per process"
         )
@@ -581,6 +636,10 @@ def launch_and_wait(params: TrainParams, device: DeviceChoice, stage_args: Seque
             status,
         )
     return status
+
+
+# What the `prepare` stage writes and training reads (meta.json: the data's lineage for MLflow).
+PREPARED_INPUTS = ("train.parquet", "val.parquet", "labels.json", "meta.json")
 
 
 def _read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
@@ -650,7 +709,9 @@ def _train_and_record(args: argparse.Namespace, params: Params, ranks: Ranks) ->
         mlflow.log_figure(training_curves_figure(result.history), "plots/training_curves.png")
         manifest = read_json(Path(args.out_dir) / MANIFEST_FILE)
         write_json(Path(args.out_dir) / MANIFEST_FILE, {**manifest, "mlflow_run_id": run.info.run_id})
-    write_json(args.metrics_path, metrics)
+    reproducible, timed = split_timed(metrics)
+    write_json(args.metrics_path, reproducible)
+    write_json(args.timing_path, timed)
     Path(args.history_path).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.history).to_csv(args.history_path, index=False)
     log.info(
@@ -672,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared-dir", default=str(PREPARED_DIR))
     parser.add_argument("--out-dir", default=str(ADAPTER_DIR))
     parser.add_argument("--metrics-path", default=str(TRAIN_METRICS))
+    parser.add_argument("--timing-path", default=str(TRAIN_TIMING))
     parser.add_argument("--history-path", default=str(TRAINING_HISTORY))
     args = parser.parse_args(argv)
     params = load_params(args.params)
@@ -682,11 +744,18 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if ranks.is_main else logging.WARNING,
         format=f"%(levelname)s{rank_label} %(name)s: %(message)s",
     )
+    quiet_library_bars()
     if ranks.world_size == 1 and params.train.processes > 1:
         status = launch_and_wait(params.train, device, sys.argv[1:] if argv is None else argv)
         if status != 0:
             sys.exit(status)
         return
+    missing = [name for name in PREPARED_INPUTS if not (Path(args.prepared_dir) / name).is_file()]
+    if missing:
+        raise TrainingRefused(
+            f"{args.prepared_dir} has no {', '.join(missing)}. The `prepare` and `validate` stages write "
+            "them: run `dvc repro validate` (or `tuneloop run`) first."
+        )
     try:
         if ranks.is_main:
             _train_and_record(args, params, ranks)
@@ -701,4 +770,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # An expected refusal is a message to act on, not a bug: no traceback (`main` itself raises it, for
+    # callers that handle it).
+    try:
+        main()
+    except TrainingRefused as refused:
+        raise SystemExit(f"train: {refused}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
+    # result.json and the Data Docs carry run ids and times, so they are reports, not DVC outputs
+    # (dvc.yaml): DVC no longer clears them before the stage runs, and GX would keep old runs' pages.
+    shutil.rmtree(Path(args.report_dir) / "data_docs", ignore_errors=True)
     try:
         if params.task == "generation":
             outcome = validate_prepared_pairs(Path(args.prepared_dir), params, Path(args.report_dir))

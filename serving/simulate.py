@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from serving.auth import API_KEY_HEADER
 from tuneloop.paths import DRIFTED_SAMPLE, SAMPLE_DATA
+from tuneloop.progress import interactive
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def simulate_traffic(
     interval = 1.0 / rate_per_s
     batches = [rows.iloc[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with httpx.Client(base_url=gateway_url, headers=headers, timeout=timeout_s, verify=verify) as client:
-        for batch in tqdm(batches, desc=f"simulate {scenario}", unit="request"):
+        for batch in tqdm(batches, desc=f"simulate {scenario}", unit="request", disable=not interactive()):
             started = time.monotonic()
             result.requests += 1
             result.texts += len(batch)

@@ -118,7 +118,9 @@ def imported_from(pointer_path: Path) -> str | None:
 
 
 def add_and_push(project_dir: Path, data_path: Path | Sequence[Path]) -> int:
-    """Track the file(s) with DVC and push to the default remote; returns files pushed.
+    """Track the file(s) with DVC and push them (only them) to the default remote; returns files pushed.
+
+    Stage outputs in the cache are not this step's to push: `dvc push` and the training flow send them.
 
     A file that came from `dvc import-url` keeps its pointer and origin: its current content (e.g. with
     feedback appended) is committed into that pointer instead of re-adding it as a new one.
@@ -134,7 +136,7 @@ def add_and_push(project_dir: Path, data_path: Path | Sequence[Path]) -> int:
         for path in imports:
             repo.commit(str(pointer_of(path)), force=True)
     with Repo(str(project_dir)) as repo:
-        return int(repo.push())
+        return int(repo.push(targets=[str(pointer_of(p)) for p in absolute]))
 
 
 def _restore_from_remote(project_dir: Path, path: Path) -> bool:

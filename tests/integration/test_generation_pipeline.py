@@ -97,9 +97,11 @@ def test_the_generation_task_runs_the_pipeline_and_is_registered_promoted_and_se
         "generation/reply_chrf",
         "bias/counterfactual_field_change_rate",
         "bias/max_group_field_accuracy_gap",
-        "speed/output_tokens_per_second",
     ):
         assert key in metrics, key
+    # Speed differs from run to run: beside the tracked metrics, never in them.
+    assert "speed/output_tokens_per_second" not in metrics
+    assert read_json(project / "reports/timing/evaluate.json")["speed/output_tokens_per_second"] > 0
     assert metrics["quality/test_examples"] == 120
     gates = read_json(project / "metrics/gates.json")
     assert gates["passed"] and {gate["name"] for gate in gates["gates"]} == set(

@@ -202,8 +202,11 @@ def test_both_runs_finish_and_write_every_output(one_and_two_processes):
         }
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["train/processes"] == processes
-        # Its cost at the list prices of params.yaml: device-hours of every process, and their price.
-        assert metrics["cost/device_hours"] > 0 and metrics["cost/training_usd"] > 0
+        # Its cost at the list prices of params.yaml: device-hours of every process, and their price,
+        # with the wall times they come from, beside the metrics rather than in them.
+        timing = json.loads((out / "timing.json").read_text())
+        assert timing["cost/device_hours"] > 0 and timing["cost/training_usd"] > 0
+        assert not {"cost/device_hours", "train/total_seconds"} & set(metrics)
         assert len(pd.read_csv(out / "history.csv")) == EPOCHS
 
 
