@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup run test test-fast lint typecheck format repro pull dvc-remote model-gate dist clean
+.PHONY: help setup run demo down test test-fast lint typecheck format repro pull dvc-remote model-gate dist clean
 
 $(BIN)/tuneloop: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ setup: $(BIN)/tuneloop
 ## run: the main job on the embedded defaults: init data + DVC remote, then the whole pipeline
 run: setup
 	$(BIN)/tuneloop run
+
+## demo: the whole loop once on the embedded defaults, as a story with each step's numbers and time:
+##   train, approve, promote, serve, drift, retrain, hot swap, rollback; leaves the UIs running
+demo: setup
+	$(BIN)/tuneloop demo
+
+## down: stop what `make demo` or `tuneloop up --background` left running
+down: setup
+	$(BIN)/tuneloop down
 
 ## repro: re-run only what changed (`dvc repro`)
 repro: setup

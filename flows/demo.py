@@ -203,8 +203,8 @@ def prepare_workspace(checkout: Path, project: Path, env_for: Callable[[Path], E
     )
     _git(project, "add", "-A")
     _git(project, "commit", "--quiet", "--allow-empty", "-m", "demo: the sample data, tracked by DVC")
-    commit = _git(project, "rev-parse", "--short", "HEAD").strip()
-    return f"clone of {commit} at {project}; data md5 {result.data_md5[:8]}, pushed to {env.dvc_remote_url}"
+    cloned = _git(checkout, "rev-parse", "--short", "HEAD").strip()
+    return f"clone of {cloned} at {project}; data md5 {result.data_md5[:8]}, pushed to {env.dvc_remote_url}"
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -503,6 +503,13 @@ class DemoRun:
             lines += [f"  {label:<18} {url}" for label, url in self.urls.items()]
             lines.append(f"  MLflow admin       user admin, password in {self.secrets.admin_password_file}")
             lines.append(f"  demo workspace     {self.project}")
+        if self.api_key:
+            prod = self.prod_url
+            lines.append(f"  API key            {self.api_key}  ({DEMO_KEY_NAME}: predict, feedback, admin)")
+            lines.append(
+                f"Try it: curl -s {prod}/v1/predict -H 'X-API-Key: {self.api_key}' "
+                """-H 'Content-Type: application/json' -d '{"text": "where is my refund"}'"""
+            )
         lines.append("the demo ran end to end" if ok else "the demo stopped at the FAILED step above")
         return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -521,6 +522,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
+    # The story is the output: libraries' and the flows' INFO lines go to the Prefect UI and the logs.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     from flows.demo import run_demo
 
     return run_demo(env.project_dir, load_params(env.project_dir / args.params), Environment.from_env)
@@ -860,8 +865,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow's server module imports starlette's WSGI bridge, deprecated upstream: not the user's concern.
+    warnings.filterwarnings("ignore", message="starlette.middleware.wsgi is deprecated")
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    from pydantic import ValidationError
+
+    try:
+        return args.handler(args)
+    except (FileNotFoundError, ValidationError) as refused:
+        # Expected refusals (a missing params.yaml, dvc.lock or stage output; a wrong setting): the
+        # message says what and where, a traceback would only bury it.
+        print(f"tuneloop {args.command}: {refused}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
