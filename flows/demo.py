@@ -17,6 +17,7 @@ import io
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -192,6 +193,9 @@ def prepare_workspace(checkout: Path, project: Path, env_for: Callable[[Path], E
     _git(project.parent, "clone", "--quiet", "--no-hardlinks", str(checkout), str(project))
     _git(project, "config", "user.name", "tuneloop-demo")
     _git(project, "config", "user.email", "demo@tuneloop.invalid")
+    # DVC stages its pointers itself here (the demo commits them), instead of asking you to.
+    autostage = [sys.executable, "-m", "dvc", "config", "--local", "core.autostage", "true"]
+    subprocess.run(autostage, cwd=project, check=True, capture_output=True)
     env = env_for(project)
     params = load_params(project / "params.yaml")
     result = init_project(
