@@ -70,10 +70,15 @@ class Story:
     started: float = field(default_factory=time.monotonic)
 
     @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[list[str]]:
-        """Yield a list the step appends its numbers to; a failure is recorded with its reason."""
+    def step(self, name: str, watch: str | None = None) -> Iterator[list[str]]:
+        """Yield a list the step appends its numbers to; a failure is recorded with its reason.
+
+        ``watch``: where to follow a long step while it runs (its log lines are not the story's).
+        """
         number = len(self.steps) + 1
         self.write(f"[{number:2d}] {name} ...")
+        if watch:
+            self.write(f"     follow it in {watch}")
         outcome: list[str] = []
         began = time.monotonic()
         try:
@@ -281,6 +286,10 @@ class DemoRun:
         return StackSecrets(self.home / "secrets")
 
     @property
+    def runs_url(self) -> str:
+        return f"{self.urls.get('Prefect UI', 'the Prefect UI')}/runs"
+
+    @property
     def prod_url(self) -> str:
         return self.env.gateway_urls[PROD]
 
@@ -336,7 +345,8 @@ class DemoRun:
     def first_version(self) -> None:
         from flows.continuous_training import continuous_training
 
-        with self.story.step("train + evaluate + register v1 (continuous-training flow, as trainer)") as said:
+        title = "train + evaluate + register v1 (continuous-training flow, as trainer)"
+        with self.story.step(title, watch=self.runs_url) as said:
             with self.as_identity(TRAINER_IDENTITY):
                 first = continuous_training(project_dir=str(self.project), reason="demo", return_state=True)
             if not first.is_completed():
@@ -366,7 +376,7 @@ class DemoRun:
         ) as said:
             with self.as_identity(REVIEWER):
                 client.set_model_version_tag(name, version, APPROVAL_TAG, "approved")
-            record = VersionRecord.from_tags(client.get_model_version(name, version).tags)
+                record = VersionRecord.from_tags(client.get_model_version(name, version).tags)
             if record.approved_by != REVIEWER:
                 raise DemoFailed(f"the server recorded no approval by {REVIEWER} on v{version}")
             said.append(f"the server recorded approved by {record.approved_by} on v{version}")
@@ -442,7 +452,7 @@ class DemoRun:
                     f"commit {str(appended['data_commit'])[:8]}"
                 )
             said.append(f"continuous-training/nightly started (flow run {drifted['training_flow_run_id']})")
-        with self.story.step("v2 trained + registered by the stack's worker") as said:
+        with self.story.step("v2 trained + registered by the stack's worker", watch=self.runs_url) as said:
             run = wait_for_flow_run(drifted["training_flow_run_id"], settings.training_timeout_s)
             if not run.state.is_completed():
                 raise DemoFailed(f"the training run ended {run.state.type.value}: {run.state.message}")
@@ -530,7 +540,7 @@ def run_demo(checkout: Path, params: Params, env_for: Callable[[Path], Environme
         demo.first_version()
         demo.drift_and_retrain()
         demo.swap_and_roll_back()
-    except DemoFailed:
+    except Exception:  # noqa: BLE001 - the failed step printed what went wrong; the ending says where to look
         print(demo.ending(ok=False))
         return 1
     print(demo.ending(ok=True))

@@ -522,10 +522,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
-    # The story is the output: libraries' and the flows' INFO lines go to the Prefect UI and the logs.
+    # The story is the output: libraries' and the flows' lines go to the Prefect UI, MLflow and the
+    # stack's logs, not between the story's lines.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     from flows.demo import run_demo
 
     return run_demo(env.project_dir, load_params(env.project_dir / args.params), Environment.from_env)
