@@ -198,9 +198,10 @@ def prepare_workspace(checkout: Path, project: Path, env_for: Callable[[Path], E
     _git(project.parent, "clone", "--quiet", "--no-hardlinks", str(checkout), str(project))
     _git(project, "config", "user.name", "tuneloop-demo")
     _git(project, "config", "user.email", "demo@tuneloop.invalid")
-    # DVC stages its pointers itself here (the demo commits them), instead of asking you to.
-    autostage = [sys.executable, "-m", "dvc", "config", "--local", "core.autostage", "true"]
-    subprocess.run(autostage, cwd=project, check=True, capture_output=True)
+    # While init adds the data, DVC stages the pointers itself (the demo commits them) instead of asking
+    # you to; not later, when it would also stage dvc.lock, which the drift job's data commit refuses.
+    autostage = [sys.executable, "-m", "dvc", "config", "--local", "core.autostage"]
+    subprocess.run([*autostage, "true"], cwd=project, check=True, capture_output=True)
     env = env_for(project)
     params = load_params(project / "params.yaml")
     result = init_project(
@@ -210,6 +211,7 @@ def prepare_workspace(checkout: Path, project: Path, env_for: Callable[[Path], E
         env.dvc_remote_url,
         remote_endpoint_url=env.s3_endpoint_url,
     )
+    subprocess.run([*autostage, "--unset"], cwd=project, check=True, capture_output=True)
     _git(project, "add", "-A")
     _git(project, "commit", "--quiet", "--allow-empty", "-m", "demo: the sample data, tracked by DVC")
     cloned = _git(checkout, "rev-parse", "--short", "HEAD").strip()
@@ -389,6 +391,7 @@ class DemoRun:
                         self.env.paths.registry_audit,
                         to=PROD_ALIAS,
                         version=version,
+                        actor=DEPLOYER_IDENTITY,
                         reason="tuneloop demo",
                         gate_thresholds=self.params.evaluate.gate_thresholds(self.params.task),
                     )
@@ -457,11 +460,12 @@ class DemoRun:
             if not run.state.is_completed():
                 raise DemoFailed(f"the training run ended {run.state.type.value}: {run.state.message}")
             client = self.client()
-            dev = client.get_model_version_by_alias(self.params.registry.model_name, DEV)
+            with self.as_identity(GATEWAY_IDENTITY):  # a viewer: reading needs an identity too
+                dev = client.get_model_version_by_alias(self.params.registry.model_name, DEV)
+                metrics = client.get_run(dev.run_id).data.metrics
             if str(dev.version) == self.versions["v1"]:
                 raise DemoFailed(f"dev is still v{dev.version}: the new version did not pass its gates")
             self.versions["v2"] = str(dev.version)
-            metrics = client.get_run(dev.run_id).data.metrics
             said.append(
                 f"v{dev.version} is dev: accuracy {metrics.get('quality/accuracy', float('nan')):.3f}, "
                 f"macro-F1 {metrics.get('quality/macro_f1', float('nan')):.3f}"
@@ -499,6 +503,7 @@ class DemoRun:
                     self.params.registry.model_name,
                     self.env.paths.registry_audit,
                     to=PROD_ALIAS,
+                    actor=DEPLOYER_IDENTITY,
                     reason="tuneloop demo: rollback",
                 )
             waited = wait_until_served(self.prod_url, v1, settings.serve_timeout_s)

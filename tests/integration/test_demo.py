@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -72,7 +73,24 @@ def checkout(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TUNELOOP_PROD_URL", f"http://127.0.0.1:{ports['prod']}")
     monkeypatch.setenv("TUNELOOP_WORK_POOL", "demo-test-pool")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    return copy_repo_as_project(tmp_path / "checkout", Path("unused"), short_demo)
+    root = copy_repo_as_project(tmp_path / "checkout", Path("unused"), short_demo)
+    rotate_drifted_labels(root / "data" / "sample" / "drifted.csv")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a concept drift to miss none")
+    return root
+
+
+def rotate_drifted_labels(path: Path) -> None:
+    """Every drifted utterance labelled with the next intent: P(label | text) moved for all of them.
+
+    A model trained this briefly loses only ~5 points on the shipped drifted batch, which the drift
+    job's default tests cannot tell from chance on 300 labels (how much power they have is another
+    matter); this keeps the test about the hand-offs of the story, each real.
+    """
+    frame = pd.read_csv(path)
+    intents = sorted(frame["intent"].unique())
+    following = dict(zip(intents, intents[1:] + intents[:1], strict=True))
+    frame["intent"] = frame["intent"].map(following)
+    frame.to_csv(path, index=False)
 
 
 def test_the_demo_tells_the_whole_loop_and_leaves_the_uis_running(checkout):
@@ -90,7 +108,8 @@ def test_the_demo_tells_the_whole_loop_and_leaves_the_uis_running(checkout):
 
         # The numbers a newcomer reads: accuracy, drift decisions, swaps without a failed request.
         assert re.search(r"v1 registered, dev; accuracy 0\.\d+", outcomes[STEPS[4]])
-        assert "no drift" in outcomes[STEPS[9]] or "a false alarm" in outcomes[STEPS[9]]
+        # Stable traffic retrains nothing (a data-drift alert alone may happen: it only alerts).
+        assert "accuracy" in outcomes[STEPS[9]] and "retrained anyway" not in outcomes[STEPS[9]]
         assert "concept drift" in outcomes[STEPS[11]] and "feedback rows appended" in outcomes[STEPS[11]]
         assert re.search(r"v2 is dev: accuracy 0\.\d+", outcomes[STEPS[12]])
         for swap in (STEPS[15], STEPS[16]):
