@@ -34,7 +34,7 @@ STEPS = (
     "stack: MLflow (auth) + Prefect + worker + gateways",
     "people: reviewer `demo-reviewer`, an API key for traffic",
     "train + evaluate + register v1 (continuous-training flow, as trainer)",
-    "approve v1 as `demo-reviewer` (did not train or register it)",
+    "approve v1 as `demo-reviewer` (neither trained nor registered it)",
     "promote v1 to prod (as `tuneloop-deployer`)",
     "serve v1: the prod gateway swaps to it",
     "stable traffic (intents.csv)",
@@ -42,9 +42,9 @@ STEPS = (
     "drifted traffic with feedback (drifted.csv)",
     "drift check on drifted traffic: feedback -> data version -> training",
     "v2 trained + registered by the stack's worker",
-    "approve v2 as `demo-reviewer` (did not train or register it)",
+    "approve v2 as `demo-reviewer` (neither trained nor registered it)",
     "promote v2 to prod (as `tuneloop-deployer`)",
-    "hot swap v1 -> v2 under 20 requests/s",
+    "hot swap v1 -> v2 under 20 req/s",
     "rollback to v1 (as `tuneloop-deployer`)",
 )
 
