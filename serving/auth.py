@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,18 +315,22 @@ class Authenticator:
 
     ``failed_auth_rate_per_s`` / ``failed_auth_burst``: a token bucket per client address charged one
     token per failed attempt; while it is empty the address gets a 429 before its credential is looked at.
+    ``clock``: the bucket's time source (a test steps it instead of racing a loaded machine).
     """
 
     api_keys: ApiKeyStore | None = None
     jwt_verifier: JwtVerifier | None = None
     failed_auth_rate_per_s: float = 1.0
     failed_auth_burst: int = 20
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _failures: TokenBucketLimiter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.api_keys is None and self.jwt_verifier is None:
             raise ValueError("an Authenticator needs an API key file, JWT settings, or both")
-        self._failures = TokenBucketLimiter(self.failed_auth_rate_per_s, self.failed_auth_burst)
+        self._failures = TokenBucketLimiter(
+            self.failed_auth_rate_per_s, self.failed_auth_burst, clock=self.clock
+        )
 
     async def authenticate(self, request: Request) -> Principal:
         address = client_address(request)

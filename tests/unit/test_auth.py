@@ -414,7 +414,10 @@ def test_failed_attempts_from_one_address_are_429_before_any_check(
     checked = []
     real_verify = store.verify
     monkeypatch.setattr(store, "verify", lambda key: checked.append(key) or real_verify(key))
-    auth = Authenticator(api_keys=store, failed_auth_rate_per_s=2.0, failed_auth_burst=3)
+    now = [0.0]
+    auth = Authenticator(
+        api_keys=store, failed_auth_rate_per_s=2.0, failed_auth_burst=3, clock=lambda: now[0]
+    )
     app = app_with(auth)
     flooder = TestClient(app, client=("203.0.113.7", 4000))
     bad = {"X-API-Key": "tlk_0123456789ab_wrong"}
@@ -427,5 +430,5 @@ def test_failed_attempts_from_one_address_are_429_before_any_check(
     assert checked == [], "a refused address still cost a key check"
     neighbour = TestClient(app, client=("203.0.113.8", 4000))
     assert neighbour.post("/predict", headers={"X-API-Key": good}).status_code == 200
-    time.sleep(0.6)
+    now[0] += 0.6
     assert flooder.post("/predict", headers={"X-API-Key": good}).status_code == 200
