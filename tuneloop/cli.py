@@ -531,6 +531,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    # MLflow read that variable when `main` imported it; its logger is already set up, so say it here too.
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()

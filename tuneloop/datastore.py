@@ -131,6 +131,9 @@ def add_and_push(project_dir: Path, data_path: Path | Sequence[Path]) -> int:
     imports = [p for p in absolute if imported_from(pointer_of(p)) is not None]
     to_add = [str(p) for p in absolute if p not in imports]
     with Repo(str(project_dir)) as repo:
+        # The caller commits the pointer itself: DVC's "To track the changes with git, run: ..." hint
+        # would tell a reader of a story or a flow log to do what is already being done.
+        repo.scm_context.quiet = True
         if to_add:
             repo.add(to_add)
         for path in imports:
