@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
@@ -295,6 +296,11 @@ class IntentClassifier:
                 logits = self.model(**encoded).logits
             probabilities[indices] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return probabilities
+
+    def answers(self, texts: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
+        """Each text's label and that label's score, as a frame (``label``, ``score``) in input order."""
+        results = self.predict(list(texts), top_k=1, batch_size=batch_size)
+        return pd.DataFrame({"label": [r["label"] for r in results], "score": [r["score"] for r in results]})
 
     def predict(self, texts: Sequence[str], top_k: int = 3, batch_size: int = 64) -> list[dict]:
         """For each text: its label, that label's score, and the top-k labels with scores."""

@@ -291,6 +291,8 @@ class DriftGaugeCollector:
         detected.add_metric(["data"], float(summary["data_drift"]["detected"]))
         concept = summary.get("concept_drift")
         detected.add_metric(["concept"], float(bool(concept and concept["detected"])))
+        estimate_drop = summary.get("performance_estimate") or {}
+        detected.add_metric(["estimated_accuracy"], float(bool(estimate_drop.get("drifted"))))
         yield detected
         score = GaugeMetricFamily(
             "tuneloop_drift_score",
@@ -316,6 +318,17 @@ class DriftGaugeCollector:
                 quality.add_metric([name, "reference"], float(test["reference"]))
                 quality.add_metric([name, "current"], float(test["current"]))
             yield quality
+        estimate = summary.get("performance_estimate")
+        if estimate:
+            estimated = GaugeMetricFamily(
+                "tuneloop_drift_estimated_accuracy",
+                "Accuracy estimated from confidence without labels (CBPE), its interval and the reference",
+                labels=["which"],
+            )
+            for which, key in (("estimate", "current"), ("low", "current_low"), ("high", "current_high")):
+                estimated.add_metric([which], float(estimate[key]))
+            estimated.add_metric(["reference"], float(estimate["reference"]))
+            yield estimated
         window = GaugeMetricFamily(
             "tuneloop_drift_window_rows", "Rows in the latest drift window", labels=["kind"]
         )
