@@ -118,7 +118,7 @@ def stable_fixed_pool(
     With the default split that pool has 263 texts, so windows of 200 overlap heavily: this is
     close to one comparison repeated, reported beside the independent protocol below.
     """
-    stable_params = params.model_copy(update={"quality_reference_split": "val"})
+    stable_params = params.model_copy(update={"quality_reference_splits": ("val",)})
     reference = build_reference(predictor, prepared_dir, stable_params, model_id, cache_dir)
     pool = pd.read_parquet(prepared_dir / "test.parquet")
     labels = load_params(REPO_ROOT / "params.yaml").data.labels
@@ -148,7 +148,7 @@ def stable_independent(
     both sides, so the comparison stays fair.
     """
     project_params = load_params(REPO_ROOT / "params.yaml")
-    stable_params = params.model_copy(update={"quality_reference_split": "val"})
+    stable_params = params.model_copy(update={"quality_reference_splits": ("val",)})
     raw = REPO_ROOT / "data/sample/intents.csv"
     per_window = []
     for index in tqdm(range(windows), desc="stable windows (re-split)", unit="window"):

@@ -7,8 +7,11 @@ Evidently snapshots out. Saving and logging them is the caller's job (``monitori
 Generation windows (``text`` = the prompt, ``generated`` = the answer) get the same text signals on
 the prompts and a test of the share of answers that meet the output contract (:func:`generation_drift`).
 
-False alarms are budgeted per window: every test a window runs shares ``false_alarm_rate``
-(Bonferroni), so unchanged traffic raises any flag in at most that share of windows.
+False alarms are budgeted per window: the tests a window runs share ``false_alarm_rate`` by the
+weights in ``monitoring.test_weights`` (weighted Bonferroni, :func:`evaluation.performance.budget_levels`),
+so unchanged traffic raises any flag in at most that share of windows. Quality gets the larger shares:
+accuracy on feedback (a CUSUM over the version's labelled answers) and accuracy estimated from the
+model's confidence before labels arrive (CBPE), see :mod:`evaluation.performance`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,14 @@ import pandas as pd
 from scipy.stats import chi2_contingency, fisher_exact
 from statsmodels.stats.proportion import proportions_ztest
 
+from evaluation.performance import (
+    ConfidenceCalibrator,
+    SequentialDesign,
+    accuracy_cusum,
+    budget_levels,
+    estimate_accuracy,
+    estimated_accuracy_drop_test,
+)
 from tuneloop.config import MonitoringParams
 
 TEXT = "text"
@@ -41,6 +53,7 @@ OOV_SHARE = "oov_share"
 TEXT_SIGNALS = (TEXT, TEXT_LENGTH, NON_LETTER_SHARE, OOV_SHARE)
 DATA_SIGNALS = (*TEXT_SIGNALS, PREDICTED)
 CONCEPT_SIGNALS = ("accuracy", "macro_f1")
+ESTIMATED_ACCURACY = "estimated_accuracy"
 # Generation windows: the prompt's text signals and the share of answers that meet the output contract.
 GENERATED = "generated"
 VALID = "valid"
@@ -50,6 +63,47 @@ GENERATION_SIGNALS = (*TEXT_SIGNALS, OUTPUT_VALIDITY)
 HOMOGENEITY_TEST = "chi2_homogeneity"
 # Letters-only words, case-folded: digits and order numbers would make every new order id "new".
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def answers_frame(
+    texts: pd.Series, true_labels: pd.Series, predictor: Callable[[Sequence[str]], pd.DataFrame]
+) -> pd.DataFrame:
+    """A model's answers on labelled texts: ``text``, ``label`` (predicted), ``score``, ``true_label``.
+
+    ``predictor``: texts -> a frame with ``label`` and ``score`` (top-1 confidence), in order.
+    """
+    predicted = predictor(texts.astype(str).tolist())
+    return pd.DataFrame(
+        {
+            TEXT: texts.astype(str).to_numpy(),
+            PREDICTED: predicted["label"].astype(str).to_numpy(),
+            SCORE: predicted["score"].astype(float).to_numpy(),
+            TRUE_LABEL: true_labels.astype(str).to_numpy(),
+        }
+    )
+
+
+def held_out_splits(prepared_dir: Path, splits: Sequence[str]) -> pd.DataFrame:
+    """The prepared splits a model never trained on (``text``, ``label``), with a ``split`` column."""
+    missing = [split for split in splits if not (Path(prepared_dir) / f"{split}.parquet").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"held-out split(s) {', '.join(missing)} missing from {prepared_dir}: "
+            "run `dvc repro prepare`, or change monitoring.quality_reference_splits in params.yaml"
+        )
+    return pd.concat(
+        [pd.read_parquet(Path(prepared_dir) / f"{split}.parquet").assign(split=split) for split in splits],
+        ignore_index=True,
+    )
+
+
+def held_out_answers(
+    predictor: Callable[[Sequence[str]], pd.DataFrame], held_out: pd.DataFrame
+) -> pd.DataFrame:
+    """:func:`answers_frame` of :func:`held_out_splits`, keeping the ``split`` column: the reference
+    quality the drift job compares live feedback with, recorded at registration."""
+    answers = answers_frame(held_out["text"], held_out["label"], predictor)
+    return answers.assign(split=held_out["split"].to_numpy())
 
 
 def words(text: str) -> list[str]:
@@ -128,8 +182,25 @@ def with_oov(frame: pd.DataFrame, vocabulary: Counter, *, in_vocabulary_texts: b
     return frame
 
 
-def window_test_count(labelled: bool) -> int:
-    return len(DATA_SIGNALS) + (len(CONCEPT_SIGNALS) if labelled else 0)
+def running_tests(labelled: bool, estimated: bool) -> list[str]:
+    """The tests a window runs: data signals always, CBPE with confidences, quality with feedback."""
+    return [
+        *DATA_SIGNALS,
+        *([ESTIMATED_ACCURACY] if estimated else []),
+        *(CONCEPT_SIGNALS if labelled else []),
+    ]
+
+
+def window_levels(params: MonitoringParams, running: Sequence[str]) -> dict[str, float]:
+    """Each running test's false-alarm level from ``monitoring.test_weights``."""
+    weights = params.test_weights
+    by_test = {
+        "accuracy": weights.accuracy,
+        ESTIMATED_ACCURACY: weights.estimated_accuracy,
+        "macro_f1": weights.macro_f1,
+        **dict.fromkeys(DATA_SIGNALS, weights.each_data_signal),
+    }
+    return budget_levels(by_test, running, params.false_alarm_rate)
 
 
 @dataclass
@@ -410,37 +481,117 @@ def per_class_recall_shift(
     return shifts
 
 
+def correctness(frame: pd.DataFrame) -> np.ndarray:
+    return (frame[TRUE_LABEL].astype(str) == frame[PREDICTED].astype(str)).to_numpy()
+
+
+def cusum_design(
+    reference_correct: np.ndarray, n_labels: int, min_drop: float, step: int, alpha: float
+) -> SequentialDesign:
+    """The accuracy CUSUM's design for ``n_labels`` labels: its threshold holds over all of them.
+
+    The horizon is ``n_labels`` rounded up to a multiple of ``step``, so that a few designs serve
+    every window and each is simulated once. A threshold set for 500 labels and run over 1,200 raised
+    1.6% false alarms at a 0.25% level; one set for 1,000 labels and run over 600 cost a quarter of
+    the power on a 5-point drop (both measured in ``benchmarks/results/drift_power*.json``).
+    """
+    horizon = step * max(1, -(-n_labels // step))
+    return SequentialDesign.for_reference(
+        float(reference_correct.mean()), len(reference_correct), min_drop, horizon, alpha
+    )
+
+
+def accuracy_drop_decision(
+    reference_correct: np.ndarray, current_correct: np.ndarray, min_drop: float, step: int, alpha: float
+) -> dict[str, Any]:
+    """Did accuracy drop? A CUSUM and a fixed-sample test of the same labels, at ``alpha / 2`` each.
+
+    The CUSUM (:func:`evaluation.performance.accuracy_cusum`) tells the reference accuracy from one
+    ``min_drop`` lower, so the smallest drop that matters is in the hypothesis instead of a gate on the
+    observed drop (such a gate misses half the drops of exactly its size), and it gathers evidence
+    across windows. But its threshold must hold over all the labels it runs on
+    (:func:`cusum_design`) and allow for the reference's own error, so a large drop in few labels
+    takes it a while: measured, a 10-point drop in 100 labels caught 0.12 of the time. The one-sided
+    two-proportion z-test with the ``min_drop`` gate catches those (the gate costs nothing for drops
+    well above it). Either counts.
+    """
+    design = cusum_design(reference_correct, len(current_correct), min_drop, step, alpha / 2)
+    result = accuracy_cusum(current_correct, design)
+    fixed = accuracy_drop_test(reference_correct, current_correct)
+    fixed_drifted = bool(fixed["p_value"] < alpha / 2 and fixed["drop"] >= min_drop)
+    result["fixed_test"] = {
+        **fixed,
+        "method": "two-proportion z-test, one-sided, with the min-drop gate",
+        "threshold": alpha / 2,
+        "drifted": fixed_drifted,
+    }
+    result["cusum_drifted"] = result["drifted"]
+    result["drifted"] = bool(result["cusum_drifted"] or fixed_drifted)
+    return result
+
+
 def concept_drift(
     quality_reference: pd.DataFrame,
-    labelled: pd.DataFrame,
+    feedback: pd.DataFrame,
     labels: Sequence[str],
     params: MonitoringParams,
-    alpha: float,
+    levels: dict[str, float],
 ) -> dict[str, Any]:
     """Accuracy and macro-F1 of the labelled feedback against the reference quality.
 
-    A drop counts when it is significant at ``alpha`` AND at least ``min_*_drop``: with thousands
-    of labels, a statistically real but negligible drop should not retrain a model.
+    ``feedback``: the labelled answers of one model version, oldest first. Accuracy:
+    :func:`accuracy_drop_decision`. Macro-F1 has no sequential form here: a bootstrap test at its
+    level that counts when the drop is also at least ``min_macro_f1_drop``.
     """
-    accuracy = accuracy_drop_test(
-        (quality_reference[TRUE_LABEL] == quality_reference[PREDICTED]).to_numpy(),
-        (labelled[TRUE_LABEL] == labelled[PREDICTED]).to_numpy(),
+    accuracy = accuracy_drop_decision(
+        correctness(quality_reference),
+        correctness(feedback),
+        params.min_accuracy_drop,
+        params.cusum_step_labels,
+        levels["accuracy"],
     )
     macro_f1 = macro_f1_drop_test(
-        quality_reference, labelled, labels, params.bootstrap_samples, params.reference_seed
+        quality_reference, feedback, labels, params.bootstrap_samples, params.reference_seed
     )
-    accuracy["drifted"] = accuracy["p_value"] < alpha and accuracy["drop"] >= params.min_accuracy_drop
-    macro_f1["drifted"] = macro_f1["p_value"] < alpha and macro_f1["drop"] >= params.min_macro_f1_drop
+    macro_f1["drifted"] = (
+        macro_f1["p_value"] < levels["macro_f1"] and macro_f1["drop"] >= params.min_macro_f1_drop
+    )
     drifted = [name for name, test in (("accuracy", accuracy), ("macro_f1", macro_f1)) if test["drifted"]]
     return {
         "detected": bool(drifted),
         "drifted_signals": drifted,
+        "n_feedback": len(feedback),
         "tests": {
-            "accuracy": {**accuracy, "method": "two-proportion z-test, one-sided", "threshold": alpha},
-            "macro_f1": {**macro_f1, "method": "bootstrap, one-sided", "threshold": alpha},
+            "accuracy": accuracy,
+            "macro_f1": {**macro_f1, "method": "bootstrap, one-sided", "threshold": levels["macro_f1"]},
         },
-        "per_class_recall": per_class_recall_shift(quality_reference, labelled, labels, alpha),
+        "per_class_recall": per_class_recall_shift(quality_reference, feedback, labels, levels["accuracy"]),
     }
+
+
+def performance_estimate(
+    quality_reference: pd.DataFrame, current: pd.DataFrame, params: MonitoringParams, alpha: float
+) -> dict[str, Any]:
+    """Accuracy of the window estimated from the model's confidence (CBPE), before any label arrives.
+
+    The calibrator is fitted on the held-out answers (``score`` -> right or wrong). With feedback in
+    the window, ``realised`` puts the accuracy on those labels next to the estimate for the same rows.
+    """
+    calibrator = ConfidenceCalibrator(quality_reference[SCORE].to_numpy(), correctness(quality_reference))
+    result = estimated_accuracy_drop_test(
+        calibrator,
+        quality_reference[SCORE].to_numpy(),
+        current[SCORE].to_numpy(),
+        params.min_accuracy_drop,
+        alpha,
+    )
+    labelled = current[current[TRUE_LABEL].notna()] if TRUE_LABEL in current.columns else current.iloc[:0]
+    result["n_labelled"] = len(labelled)
+    if len(labelled):
+        on_labelled = estimate_accuracy(calibrator.chance_correct(labelled[SCORE].to_numpy()))
+        result["estimated_on_labelled"] = on_labelled["estimate"]
+        result["realised_on_labelled"] = float(correctness(labelled).mean())
+    return result
 
 
 def quality_report(quality_reference: pd.DataFrame, labelled: pd.DataFrame, labels: Sequence[str]) -> Any:
@@ -487,19 +638,24 @@ def detect_drift(
     labels: Sequence[str],
     params: MonitoringParams,
     quality_html: bool = True,
+    version_feedback: pd.DataFrame | None = None,
 ) -> DriftResult:
-    """Data drift of ``current`` against ``reference``; concept drift when it has enough feedback.
+    """Data drift of ``current`` against ``reference``; concept drift when there is enough feedback.
 
     Args:
         reference: training texts (``text``) for text and descriptor drift.
         quality_reference: labelled held-out texts with the model's predictions (``true_label``,
-            ``label``): the reference quality and the reference predicted-label distribution.
-        current: a window of the inference log (``text``, ``label``, ``true_label`` or None).
+            ``label``, ``score``): the reference quality, the reference predicted-label distribution,
+            and the calibration of the accuracy estimate.
+        current: a window of the inference log (``text``, ``label``, ``score``, ``true_label`` or
+            None). Without ``score`` on both sides there is no accuracy estimate.
         vocabulary: document frequencies of the training words (``document_frequencies``).
         labels: the model's label set.
         params: thresholds and budgets from ``params.yaml``.
         quality_html: also build Evidently's classification report of the feedback (for people; the
             flags do not depend on it).
+        version_feedback: the labelled answers of the window's model version, oldest first, for the
+            quality tests; None: the window's own labelled rows.
     """
     _check_inputs(
         (
@@ -512,29 +668,39 @@ def detect_drift(
         params,
     )
     labelled = current[current[TRUE_LABEL].notna()] if TRUE_LABEL in current.columns else current.iloc[:0]
-    with_quality = len(labelled) >= params.min_labelled_for_quality
-    n_tests = window_test_count(with_quality)
-    alpha = params.false_alarm_rate / n_tests
+    feedback = labelled if version_feedback is None else version_feedback
+    with_quality = len(feedback) >= params.min_labelled_for_quality
+    estimated = SCORE in current.columns and SCORE in quality_reference.columns
+    running = running_tests(with_quality, estimated)
+    levels = window_levels(params, running)
     data, data_snapshot, prediction_snapshot = data_drift(
-        reference, quality_reference, current, vocabulary, params, alpha
+        reference, quality_reference, current, vocabulary, params, levels[TEXT]
     )
     summary: dict[str, Any] = {
         "n_reference": len(reference),
+        "n_quality_reference": len(quality_reference),
         "n_current": len(current),
         "n_labelled": len(labelled),
-        "n_tests": n_tests,
-        "alpha_per_test": alpha,
+        "n_tests": len(running),
+        "test_levels": levels,
         "false_alarm_rate": params.false_alarm_rate,
         "data_drift": data,
+        "performance_estimate": None,
         "concept_drift": None,
     }
+    if estimated:
+        summary["performance_estimate"] = performance_estimate(
+            quality_reference, current, params, levels[ESTIMATED_ACCURACY]
+        )
     quality_snapshot = None
     if with_quality:
-        summary["concept_drift"] = concept_drift(quality_reference, labelled, labels, params, alpha)
+        summary["concept_drift"] = concept_drift(quality_reference, feedback, labels, params, levels)
         if quality_html:
-            quality_snapshot = quality_report(quality_reference, labelled, labels)
-    summary["drift_detected"] = data["detected"] or bool(
-        summary["concept_drift"] and summary["concept_drift"]["detected"]
+            quality_snapshot = quality_report(quality_reference, feedback, labels)
+    summary["drift_detected"] = (
+        data["detected"]
+        or bool(summary["concept_drift"] and summary["concept_drift"]["detected"])
+        or bool(summary["performance_estimate"] and summary["performance_estimate"]["drifted"])
     )
     return DriftResult(
         summary=_finite(summary),

@@ -255,6 +255,17 @@ def describe_decision(result: dict[str, Any]) -> str:
         f"{name} {test['reference']:.3f} -> {test['current']:.3f} (p {test['p_value']:.2g})"
         for name, test in (concept.get("tests") or {}).items()
     )
+    estimate = (result.get("summary") or {}).get("performance_estimate")
+    if estimate:
+        tests = ", ".join(
+            part
+            for part in (
+                tests,
+                f"accuracy estimated without labels {estimate['current']:.3f} "
+                f"[{estimate['current_low']:.3f}, {estimate['current_high']:.3f}]",
+            )
+            if part
+        )
     verdict = "; ".join(reasons) if reasons else "no drift"
     return verdict + (f"; {tests}" if tests else "")
 
@@ -433,8 +444,10 @@ class DemoRun:
             )
 
     def drift_and_retrain(self) -> None:
+        from serving.simulate import SCENARIOS
+
         settings = self.params.demo
-        with self.story.step(f"stable traffic ({SAMPLE_DATA.name})") as said:
+        with self.story.step(f"stable traffic ({SCENARIOS['stable'].source.name})") as said:
             said.append(self.traffic("stable", settings.stable_requests))
         with self.story.step("drift check on stable traffic (monitor-drift flow)") as said:
             stable = self.drift_check()
@@ -464,7 +477,13 @@ class DemoRun:
                 dev = client.get_model_version_by_alias(self.params.registry.model_name, DEV)
                 metrics = client.get_run(dev.run_id).data.metrics
             if str(dev.version) == self.versions["v1"]:
-                raise DemoFailed(f"dev is still v{dev.version}: the new version did not pass its gates")
+                with self.as_identity(GATEWAY_IDENTITY):
+                    newest = max(
+                        client.search_model_versions(f"name='{self.params.registry.model_name}'"),
+                        key=lambda version: int(version.version),
+                    )
+                reason = newest.tags.get("tuneloop.blocked_reason") or "it did not pass its gates"
+                raise DemoFailed(f"v{newest.version} is registered, dev is still v{dev.version}: {reason}")
             self.versions["v2"] = str(dev.version)
             said.append(
                 f"v{dev.version} is dev: accuracy {metrics.get('quality/accuracy', float('nan')):.3f}, "

@@ -94,6 +94,19 @@ def alert_markdown(
         f"- decision: {'; '.join(reasons)}",
         f"- MLflow run: {summary.get('mlflow_run_id', 'not logged')}",
     ]
+    estimate = summary.get("performance_estimate")
+    if estimate:
+        lines.append(
+            f"- accuracy estimated from confidence (CBPE): {estimate['current']:.3f} "
+            f"[{estimate['current_low']:.3f}, {estimate['current_high']:.3f}] against "
+            f"{estimate['reference']:.3f} held out"
+            + (
+                f"; on the {estimate['n_labelled']} labelled rows: estimated "
+                f"{estimate['estimated_on_labelled']:.3f}, realised {estimate['realised_on_labelled']:.3f}"
+                if "realised_on_labelled" in estimate
+                else ""
+            )
+        )
     if appended is not None:
         committed = (
             f"commit `{appended.data_commit}` on `{appended.data_branch}`"

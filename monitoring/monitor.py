@@ -15,6 +15,7 @@ answers on held-out messages, a report of the callers' feedback; the decision on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,19 +33,24 @@ import pandas as pd
 from evaluation.drift import (
     GENERATED,
     PREDICTED,
+    SCORE,
     TEXT,
     TRUE_LABEL,
     VALID,
     DriftResult,
+    answers_frame,
     detect_drift,
     document_frequencies,
     generation_drift,
+    held_out_answers,
+    held_out_splits,
     output_validity,
 )
 from serving.metrics import write_drift_summary
 from tuneloop.config import DataParams, Environment, MonitoringParams, load_params
 from tuneloop.datastore import add_and_push, check_data_commit, commit_data_version, tracked_md5, write_table
 from tuneloop.io import file_md5, read_json, read_table, write_json
+from tuneloop.paths import HELD_OUT_ARTIFACT
 from tuneloop.text import fold_text, normalise_whitespace
 
 log = logging.getLogger(__name__)
@@ -92,8 +98,10 @@ class Reference:
 
     ``frame``: a seeded sample of the train split (text and descriptor drift), with the model's
     predictions kept for the record.
-    ``quality``: a labelled held-out split with the model's predictions: the reference quality
-    (concept drift) and the reference predicted-label distribution (see ``evaluation.drift.data_drift``).
+    ``quality``: the labelled held-out splits (``monitoring.quality_reference_splits``, never trained
+    on) with the model's predictions and confidences: the reference quality (concept drift), the
+    reference predicted-label distribution (see ``evaluation.drift.data_drift``) and the calibration of
+    the accuracy estimate (CBPE).
     ``vocabulary``: document frequencies of the whole train split (out-of-vocabulary share).
     """
 
@@ -107,13 +115,7 @@ def adapter_predictor(adapter_dir: Path, batch_size: int = 64) -> Predictor:
     """Predictions of a local adapter folder (``models/adapter``) through :class:`IntentClassifier`."""
     from serving.inference import IntentClassifier
 
-    classifier = IntentClassifier.load(adapter_dir)
-
-    def predict(texts: Sequence[str]) -> pd.DataFrame:
-        results = classifier.predict(list(texts), top_k=1, batch_size=batch_size)
-        return pd.DataFrame({"label": [r["label"] for r in results], "score": [r["score"] for r in results]})
-
-    return predict
+    return functools.partial(IntentClassifier.load(adapter_dir).answers, batch_size=batch_size)
 
 
 def _registered_pyfunc(model_uri: str, tracking_uri: str) -> tuple[Any, tempfile.TemporaryDirectory]:
@@ -167,11 +169,45 @@ def reference_key(model_id: str, prepared_dir: Path, params: MonitoringParams) -
     parts = [
         model_id,
         file_md5(prepared_dir / "train.parquet"),
-        file_md5(prepared_dir / f"{params.quality_reference_split}.parquet"),
+        *(file_md5(prepared_dir / f"{split}.parquet") for split in params.quality_reference_splits),
         str(params.reference_size),
         str(params.reference_seed),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def recorded_held_out_answers(model_uri: str, tracking_uri: str) -> pd.DataFrame | None:
+    """The held-out answers recorded at registration for a registered version, else None.
+
+    ``model_uri``: ``models:/<name>/<version>`` or ``models:/<name>@<alias>``. None for versions
+    registered before answers were recorded (the monitor then predicts the held-out splits itself).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not model_uri.startswith("models:/"):
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name_and_version = model_uri.removeprefix("models:/")
+    try:
+        if "@" in name_and_version:
+            name, alias = name_and_version.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = name_and_version.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        with tempfile.TemporaryDirectory(prefix="tuneloop-held-out-") as folder:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id,
+                artifact_path=HELD_OUT_ARTIFACT,
+                dst_path=folder,
+                tracking_uri=tracking_uri,
+            )
+            return pd.read_parquet(local)
+    except (MlflowException, OSError) as error:
+        log.info("no held-out answers recorded for %s (%s): predicting the held-out splits", model_uri, error)
+        return None
 
 
 def build_reference(
@@ -182,8 +218,12 @@ def build_reference(
     cache_dir: Path,
     *,
     phone_region: str = "US",
+    held_out: pd.DataFrame | None = None,
 ) -> Reference:
     """Reference frames with the model's predictions, cached per model version and data version.
+
+    ``held_out``: the answers recorded at registration (:func:`recorded_held_out_answers`); None:
+    the model answers ``monitoring.quality_reference_splits`` of ``prepared_dir`` now.
 
     Texts (and the vocabulary) are PII-masked as the gateway masks the inference log, with the same
     ``phone_region`` (``gateway.pii_phone_region``), so that placeholders never read as drift. The
@@ -197,7 +237,7 @@ def build_reference(
         # Masking is idempotent, so frames cached before texts were masked come out as new ones do.
         return frame.assign(**{TEXT: [masker.mask(text) for text in frame[TEXT].astype(str)]})
 
-    key = reference_key(model_id, prepared_dir, params)
+    key = reference_key(model_id + ("|recorded" if held_out is not None else ""), prepared_dir, params)
     folder = cache_dir / key
     train = pd.read_parquet(prepared_dir / "train.parquet")
     vocabulary = document_frequencies(masker.mask(text) for text in train["text"].astype(str))
@@ -210,27 +250,17 @@ def build_reference(
             key,
         )
     sample = train.sample(n=min(params.reference_size, len(train)), random_state=params.reference_seed)
-    quality = pd.read_parquet(prepared_dir / f"{params.quality_reference_split}.parquet")
-    frames = []
-    for part in (sample, quality):
-        predicted = predictor(part["text"].astype(str).tolist())
-        frames.append(
-            pd.DataFrame(
-                {
-                    TEXT: [masker.mask(text) for text in part["text"].astype(str)],
-                    PREDICTED: predicted["label"].astype(str).to_numpy(),
-                    "score": predicted["score"].astype(float).to_numpy(),
-                    TRUE_LABEL: part["label"].astype(str).to_numpy(),
-                }
-            )
-        )
+    frame = masked(answers_frame(sample["text"], sample["label"], predictor))
+    if held_out is None:
+        held_out = held_out_answers(predictor, held_out_splits(prepared_dir, params.quality_reference_splits))
+    quality = masked(held_out[[TEXT, PREDICTED, SCORE, TRUE_LABEL]])
     folder.mkdir(parents=True, exist_ok=True)
-    frames[0].to_parquet(folder / "reference.parquet", index=False)
-    frames[1].to_parquet(folder / "quality.parquet", index=False)
+    frame.to_parquet(folder / "reference.parquet", index=False)
+    quality.to_parquet(folder / "quality.parquet", index=False)
     write_json(
         folder / "meta.json", {"model": model_id, "prepared_dir": str(prepared_dir), **params.model_dump()}
     )
-    return Reference(frames[0], frames[1], vocabulary, key)
+    return Reference(frame, quality, vocabulary, key)
 
 
 @dataclass
@@ -354,18 +384,29 @@ def should_retrain(
     """Retrain on concept drift (or data drift when configured), with enough new labels, out of cool-down.
 
     Data drift without labels only alerts by default: a shift in wording that the model still
-    handles is not worth a training run, and there are no labels to train on anyway.
+    handles is not worth a training run, and there are no labels to train on anyway. A significant
+    drop in the accuracy estimated from confidence (CBPE) counts as a drop in quality: it alerts at
+    once, and retrains once there are enough new labels to learn from. It is the most powerful of the
+    quality tests when the inputs moved (the model grows unsure), and blind when only the labels'
+    meaning changed, which the accuracy CUSUM on feedback catches.
     """
     data = bool(summary["data_drift"]["detected"])
     concept = bool(summary.get("concept_drift") and summary["concept_drift"]["detected"])
+    estimate = summary.get("performance_estimate") or {}
+    estimated_drop = bool(estimate.get("drifted"))
     reasons: list[str] = []
     if data:
         reasons.append("data drift in " + ", ".join(summary["data_drift"]["drifted_signals"]))
+    if estimated_drop:
+        reasons.append(
+            f"estimated accuracy fell from {estimate['reference']:.3f} to {estimate['current']:.3f} "
+            f"[{estimate['current_low']:.3f}, {estimate['current_high']:.3f}] (CBPE, no labels needed)"
+        )
     if concept:
         reasons.append("concept drift in " + ", ".join(summary["concept_drift"]["drifted_signals"]))
-    if not (data or concept):
+    if not (data or concept or estimated_drop):
         return Decision(False, False, ("no drift",))
-    wants_retrain = concept or (data and params.retrain_on_data_drift)
+    wants_retrain = concept or estimated_drop or (data and params.retrain_on_data_drift)
     if not wants_retrain:
         reasons.append("data drift alone only alerts (monitoring.retrain_on_data_drift is false)")
         return Decision(False, True, tuple(reasons))
@@ -626,9 +667,19 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     concept = summary.get("concept_drift")
     if concept:
         metrics["concept/detected"] = float(concept["detected"])
+        metrics["concept/n_feedback"] = float(concept.get("n_feedback", summary["n_labelled"]))
         for name, test in concept["tests"].items():
-            for key in ("reference", "current", "drop", "p_value"):
-                metrics[f"concept/{name}_{key}"] = float(test[key])
+            for key in ("reference", "current", "drop", "p_value", "statistic", "threshold"):
+                if key in test:
+                    metrics[f"concept/{name}_{key}"] = float(test[key])
+    estimate = summary.get("performance_estimate")
+    if estimate:
+        metrics["estimate/detected"] = float(estimate["drifted"])
+        for key in ("reference", "current", "current_low", "current_high", "drop", "p_value"):
+            metrics[f"estimate/accuracy_{key}"] = float(estimate[key])
+        if "realised_on_labelled" in estimate:
+            metrics["estimate/accuracy_realised_on_labelled"] = float(estimate["realised_on_labelled"])
+            metrics["estimate/accuracy_estimated_on_labelled"] = float(estimate["estimated_on_labelled"])
     validity = summary.get("validity_drift")
     if validity:
         metrics["drift/prompt_detected"] = float(summary["prompt_drift"]["detected"])
@@ -664,17 +715,47 @@ class MonitorOutcome:
         }
 
 
+def version_feedback(labelled_log: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame | None:
+    """The labelled answers of the model version that answered the window's newest rows, oldest first.
+
+    The accuracy CUSUM runs over these, so its evidence starts again when prod moves to a new version.
+    None when the log names no versions (then the window's own labelled rows are used).
+    """
+    if "model_version" not in window.columns or "model_version" not in labelled_log.columns or window.empty:
+        return None
+    newest = window.sort_values("created_at").iloc[-1] if "created_at" in window.columns else window.iloc[-1]
+    rows = labelled_log[labelled_log["model_version"] == newest["model_version"]]
+    if "model_name" in rows.columns and "model_name" in window.columns:
+        rows = rows[rows["model_name"] == newest["model_name"]]
+    if "created_at" in rows.columns:
+        rows = rows.sort_values("created_at", kind="stable")
+    return rows.reset_index(drop=True)
+
+
 def evaluate_window(
     window: pd.DataFrame,
     reference: Reference,
     labels: Sequence[str],
     params: MonitoringParams,
     quality_html: bool = True,
+    labelled_log: pd.DataFrame | None = None,
 ) -> DriftResult:
-    """Drift of one window against a reference; the summary says which model and data it concerns."""
+    """Drift of one window against a reference; the summary says which model and data it concerns.
+
+    ``labelled_log``: recent labelled answers (:func:`labelled_rows`); the quality tests use those of
+    the window's model version. None: the window's own labelled rows.
+    """
     window = latest_version_rows(window)
+    feedback = None if labelled_log is None else version_feedback(labelled_log, window)
     result = detect_drift(
-        reference.frame, reference.quality, window, reference.vocabulary, labels, params, quality_html
+        reference.frame,
+        reference.quality,
+        window,
+        reference.vocabulary,
+        labels,
+        params,
+        quality_html,
+        version_feedback=feedback,
     )
     describe_window(result.summary, window, reference.key)
     return result
@@ -789,7 +870,9 @@ def run_monitor(
     """The whole step for inputs already loaded: drift, MLflow, latest.json, decision, feedback append."""
     params = load_params(params_path)
     now = now or datetime.now(UTC)
-    result = evaluate_window(window, reference, params.data.labels, params.monitoring)
+    result = evaluate_window(
+        window, reference, params.data.labels, params.monitoring, labelled_log=labelled_log
+    )
     run_id = None
     if log_mlflow:
         run_id = log_to_mlflow(result, env, {"model_version": str(result.summary.get("model_version", ""))})
@@ -908,6 +991,7 @@ def monitor_once(
         model_id,
         env.paths.reference_cache,
         phone_region=params.gateway.pii_phone_region,
+        held_out=recorded_held_out_answers(uri, env.tracking_uri) if uri else None,
     )
     return run_monitor(window, labelled_log, reference, env, Path(params_path), append=append, now=now)
 

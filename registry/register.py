@@ -14,6 +14,7 @@ whose quantised copy falls below them does not become `dev`.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,15 +27,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
+from evaluation.drift import held_out_answers, held_out_splits
 from evaluation.gates import GateResult, check_gate
 from evaluation.generation import compare_paired, per_example_scores
 from evaluation.quality import headline_metrics
 from serving.generation import GENERATION_TASK
-from serving.inference import MANIFEST_FILE
+from serving.inference import MANIFEST_FILE, IntentClassifier
 from serving.pyfunc_model import QUANTIZE_ENV, log_generation_model, log_intent_model
 from tuneloop.config import Params, RegistryParams, ServingParams
 from tuneloop.io import file_md5, read_json
-from tuneloop.paths import ADAPTER_DIR, METRICS_DIR, PREPARED_DIR
+from tuneloop.paths import ADAPTER_DIR, HELD_OUT_ARTIFACT, METRICS_DIR, PREPARED_DIR
 from tuneloop.tracking import current_version, git_commit
 
 log = logging.getLogger(__name__)
@@ -673,6 +675,24 @@ class WorkspaceRegistration:
     reasons: list[str]
 
 
+def record_reference(
+    client: MlflowClient, run_id: str, adapter_dir: Path, prepared: Path, params: Params
+) -> None:
+    """The classifier's answers on all held-out splits, logged with its run before it is registered.
+
+    The drift job compares a registered version with these answers (reference accuracy, predicted
+    labels, confidence calibration), however the data's splits move after later data versions.
+    """
+    splits = params.monitoring.quality_reference_splits
+    answers = held_out_answers(IntentClassifier.load(adapter_dir).answers, held_out_splits(prepared, splits))
+    folder, name = HELD_OUT_ARTIFACT.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-held-out-") as local:
+        answers.to_parquet(Path(local) / name, index=False)
+        client.log_artifact(run_id, str(Path(local) / name), artifact_path=folder)
+    accuracy = float((answers["label"] == answers["true_label"]).mean())
+    log.info("recorded %d held-out answers (%s), accuracy %.4f", len(answers), "+".join(splits), accuracy)
+
+
 def register_workspace(project_dir: Path, params: Params, client: MlflowClient) -> WorkspaceRegistration:
     """Register the project's trained adapter once per training run (the step behind CLI and flow).
 
@@ -707,6 +727,8 @@ def register_workspace(project_dir: Path, params: Params, client: MlflowClient) 
         test_frame = test_frame.rename(
             columns={params.generation.input_column: "text", params.generation.target_column: "target"}
         )
+    else:
+        record_reference(client, run_id, adapter_dir, prepared, params)
     registration = register_candidate(
         client,
         adapter_dir,

@@ -2,7 +2,9 @@
 
 Scenarios draw labelled utterances from the repo's own data:
 
-- ``stable``: the training sample (``data/sample/intents.csv``); half the answers get feedback.
+- ``stable``: the sample's frozen test texts (``data/sample/intents-test.csv``): the same kind of
+  traffic as the training data, but texts no model trained on, as live traffic is (training texts
+  would look too easy: too few unseen words, too few errors); half the answers get feedback.
 - ``data-drift``: the drifted batch (new products, voice/chat style); no feedback, as when labels
   have not arrived yet, so the drift job can only raise a data-drift alert.
 - ``concept-drift``: the drifted batch with feedback on every answer, including the utterances whose
@@ -23,7 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from serving.auth import API_KEY_HEADER
-from tuneloop.paths import DRIFTED_SAMPLE, SAMPLE_DATA
+from tuneloop.paths import DRIFTED_SAMPLE, SAMPLE_TEST_DATA
 from tuneloop.progress import interactive
 
 
@@ -34,7 +36,7 @@ class Scenario:
 
 
 SCENARIOS = {
-    "stable": Scenario(SAMPLE_DATA, 0.5),
+    "stable": Scenario(SAMPLE_TEST_DATA, 0.5),
     "data-drift": Scenario(DRIFTED_SAMPLE, 0.0),
     "concept-drift": Scenario(DRIFTED_SAMPLE, 1.0),
 }

@@ -314,6 +314,16 @@ class DemoParams(_Frozen):
     training_timeout_s: float = Field(default=1800, gt=0)
 
 
+class FalseAlarmWeights(_Frozen):
+    """Shares of ``monitoring.false_alarm_rate`` per test (weighted Bonferroni): only ratios matter."""
+
+    accuracy: float = Field(gt=0)
+    estimated_accuracy: float = Field(gt=0)
+    macro_f1: float = Field(gt=0)
+    # Each of the five data signals: text, its three descriptors, predicted labels.
+    each_data_signal: float = Field(gt=0)
+
+
 class MonitoringParams(_Frozen):
     """Drift job and retraining trigger: window, reference, false-alarm budget, labelled-data gates."""
 
@@ -321,9 +331,13 @@ class MonitoringParams(_Frozen):
     min_window_size: int = Field(ge=1)
     reference_size: int = Field(ge=10)
     reference_seed: int
-    quality_reference_split: Literal["train", "val", "test"]
-    # Per-window chance of any false drift flag on unchanged traffic, split over its tests (Bonferroni).
+    # Held-out splits (never trained on) whose answers are the reference quality and calibrate CBPE.
+    quality_reference_splits: tuple[Literal["train", "val", "test"], ...] = Field(min_length=1)
+    # Per-window chance of any false drift flag on unchanged traffic, split over its tests by weight.
     false_alarm_rate: float = Field(gt=0, lt=1)
+    test_weights: FalseAlarmWeights
+    # The accuracy CUSUM's threshold holds over the labels it runs on, rounded up to a multiple of this.
+    cusum_step_labels: int = Field(ge=10)
     text_method: Literal["perc_text_content_drift", "abs_text_content_drift"]
     text_auc_threshold: float = Field(gt=0.5, lt=1)
     min_accuracy_drop: float = Field(ge=0, lt=1)

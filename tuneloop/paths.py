@@ -24,9 +24,14 @@ GATES_FILE = METRICS_DIR / "gates.json"
 PLOTS_DIR = Path("plots")
 TRAINING_HISTORY = PLOTS_DIR / "training_history.csv"
 REPORTS_DIR = Path("reports")
+# A registered classifier's answers on every held-out split, in its training run's MLflow artifacts:
+# the reference the drift job judges that version against (registry.register.record_reference).
+HELD_OUT_ARTIFACT = "reference/held_out.parquet"
 
 # The project's own sample data (in git), and its drifted batch for the drift scenarios.
 SAMPLE_DATA = Path("data/sample/intents.csv")
+# Its frozen test file (`tuneloop.datastore.sample_test_file`): texts no model here trained on.
+SAMPLE_TEST_DATA = Path("data/sample/intents-test.csv")
 DRIFTED_SAMPLE = Path("data/sample/drifted.csv")
 # `task: generation`: customer messages -> the support tool's JSON (data/sample/SUPPORT_PAIRS_CARD.md).
 SAMPLE_PAIRS = Path("data/sample/support-pairs.csv")

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -26,6 +27,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.continuous_training import ARTIFACT_KEY, continuous_training
+from monitoring.monitor import recorded_held_out_answers
 from tuneloop.config import Environment
 from tuneloop.io import file_md5
 
@@ -60,6 +62,12 @@ def test_a_full_run_ends_with_a_new_dev_version(flow_project, prefect_harness):
     assert dev.run_id == registration["run_id"]
     assert "Evaluation card" in dev.tags["tuneloop.evaluation_card"]
     assert "evaluate:" in Path(client.download_artifacts(dev.run_id, "lineage/dvc.lock")).read_text()
+    # The drift job's frozen reference: the version's answers on every held-out split, recorded now.
+    held_out = recorded_held_out_answers(f"models:/{registration['name']}/1", mlflow.get_tracking_uri())
+    prepared = flow_project / "data" / "prepared"
+    expected_rows = sum(len(pd.read_parquet(prepared / f"{split}.parquet")) for split in ("val", "test"))
+    assert held_out is not None and len(held_out) == expected_rows
+    assert set(held_out["split"]) == {"val", "test"} and held_out["score"].between(0, 1).all()
 
     names = {run.name for run in task_runs_of(state.state_details.flow_run_id)}
     assert {"prepare", "validate", "train", "evaluate"} <= names

@@ -37,7 +37,7 @@ STEPS = (
     "approve v1 as `demo-reviewer` (neither trained nor registered it)",
     "promote v1 to prod (as `tuneloop-deployer`)",
     "serve v1: the prod gateway swaps to it",
-    "stable traffic (intents.csv)",
+    "stable traffic (intents-test.csv)",
     "drift check on stable traffic (monitor-drift flow)",
     "drifted traffic with feedback (drifted.csv)",
     "drift check on drifted traffic: feedback -> data version -> training",

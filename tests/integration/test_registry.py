@@ -38,7 +38,7 @@ from tests.support import (
     venv_env,
     wait_for,
 )
-from tuneloop.paths import HomePaths
+from tuneloop.paths import HELD_OUT_ARTIFACT, HomePaths
 
 pytestmark = pytest.mark.slow
 
@@ -472,7 +472,8 @@ def test_register_command_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
     write_json(adapter_dir / MANIFEST_FILE, {**manifest, "mlflow_run_id": run.info.run_id})
     prepared = tmp_path / "data/prepared"
     prepared.mkdir(parents=True)
-    ctx["data"].to_parquet(prepared / "test.parquet")
+    for split in ("val", "test"):
+        ctx["data"].to_parquet(prepared / f"{split}.parquet")
     write_json(prepared / "meta.json", {"source_md5": "cafe0001"})
     metrics = ctx["good_metrics"]
     write_json(tmp_path / "metrics/evaluate.json", metrics)
@@ -498,6 +499,11 @@ def test_register_command_reads_the_stage_outputs(ctx, tmp_path, monkeypatch):
     assert "## Behavioural tests" in tags["tuneloop.evaluation_card"]
     assert "| inv_typo | 0.0400 | 1 / 25 | 0 |" in tags["tuneloop.evaluation_card"]
     assert MlflowClient().get_model_version(NAME, version).run_id == run.info.run_id
+    held_out = pd.read_parquet(
+        mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/{HELD_OUT_ARTIFACT}")
+    )
+    assert sorted(held_out["split"].unique()) == ["test", "val"]
+    assert len(held_out) == 2 * len(ctx["data"])
     versions_before = len(MlflowClient().search_model_versions(f"name = '{NAME}'"))
     assert cli_main(["register"]) == 0  # the same training run again: reported, not registered twice
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == versions_before

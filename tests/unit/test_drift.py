@@ -11,15 +11,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sklearn.metrics import f1_score
 
 from evaluation.drift import (
+    accuracy_drop_decision,
     accuracy_drop_test,
     detect_drift,
     document_frequencies,
+    held_out_splits,
     macro_f1_drop_test,
     macro_f1_from_codes,
     oov_shares,
     per_class_recall_shift,
+    running_tests,
     total_variation,
-    window_test_count,
+    window_levels,
     words,
 )
 from monitoring.monitor import (
@@ -106,9 +109,18 @@ def test_total_variation():
     assert total_variation(pd.Series(["a", "a"]), pd.Series(["b", "b"])) == 1
 
 
-def test_bonferroni_budget_counts_concept_tests_only_with_labels():
-    assert window_test_count(labelled=False) == 5
-    assert window_test_count(labelled=True) == 7
+def test_false_alarm_budget_is_split_by_weight_over_the_tests_that_run():
+    assert len(running_tests(labelled=False, estimated=False)) == 5
+    assert running_tests(labelled=True, estimated=True)[-3:] == ["estimated_accuracy", "accuracy", "macro_f1"]
+    everything = window_levels(PARAMS, running_tests(labelled=True, estimated=True))
+    assert sum(everything.values()) == pytest.approx(PARAMS.false_alarm_rate)
+    # With the default weights the three quality tests, which can retrain, share 1%.
+    quality = everything["accuracy"] + everything["estimated_accuracy"] + everything["macro_f1"]
+    assert quality == pytest.approx(0.01)
+    assert everything["accuracy"] > everything["estimated_accuracy"] > everything["macro_f1"]
+    unlabelled = window_levels(PARAMS, running_tests(labelled=False, estimated=True))
+    assert sum(unlabelled.values()) == pytest.approx(PARAMS.false_alarm_rate)
+    assert unlabelled["text"] > everything["text"]  # the label-free tests share the whole budget
 
 
 def test_detect_drift_refuses_bad_input_with_reasons():
@@ -120,6 +132,22 @@ def test_detect_drift_refuses_bad_input_with_reasons():
         )
     with pytest.raises(ValueError, match="fewer than monitoring.min_window_size"):
         detect_drift(reference, quality, reference.head(10), document_frequencies([]), ["x"], PARAMS)
+
+
+def test_held_out_splits_name_the_missing_split_and_the_fix(tmp_path):
+    pd.DataFrame({"text": ["a"], "label": ["x"]}).to_parquet(tmp_path / "test.parquet")
+    assert held_out_splits(tmp_path, ["test"])["split"].tolist() == ["test"]
+    with pytest.raises(FileNotFoundError, match="held-out split\\(s\\) val missing.*dvc repro prepare"):
+        held_out_splits(tmp_path, ["val", "test"])
+
+
+def test_the_accuracy_cusum_keeps_its_level_over_every_label_it_is_run_on():
+    """A threshold set for 500 labels and run over 1,200 raised 1.6% false alarms at a 0.25% level."""
+    reference = np.r_[np.ones(380, dtype=bool), np.zeros(20, dtype=bool)]
+    short = accuracy_drop_decision(reference, np.ones(300, dtype=bool), 0.05, 500, 0.01)
+    long = accuracy_drop_decision(reference, np.ones(1200, dtype=bool), 0.05, 500, 0.01)
+    assert (short["horizon"], long["horizon"]) == (500, 1500)
+    assert long["threshold"] > short["threshold"]
 
 
 # ------------------------------------------------------------------------------------------- decision
@@ -146,6 +174,23 @@ def test_concept_drift_needs_enough_new_labels():
     assert not few.retrain and few.alert
     assert "fewer than monitoring.min_labelled_examples" in few.reasons[-1]
     assert should_retrain(summary(concept=True), PARAMS.min_labelled_examples, None, NOW, PARAMS).retrain
+
+
+def test_an_estimated_accuracy_drop_alerts_at_once_and_retrains_once_labels_arrive():
+    estimated = {
+        **summary(),
+        "performance_estimate": {
+            "drifted": True,
+            "reference": 0.95,
+            "current": 0.89,
+            "current_low": 0.87,
+            "current_high": 0.91,
+        },
+    }
+    unlabelled = should_retrain(estimated, 0, None, NOW, PARAMS)
+    assert (unlabelled.retrain, unlabelled.alert) == (False, True)
+    assert "estimated accuracy fell from 0.950 to 0.890 [0.870, 0.910]" in unlabelled.reasons[0]
+    assert should_retrain(estimated, PARAMS.min_labelled_examples, None, NOW, PARAMS).retrain
 
 
 def test_cool_down_blocks_then_expires():
@@ -213,6 +258,13 @@ def test_gauge_collector_exports_the_latest_summary(tmp_path):
                 "detected": False,
                 "tests": {"accuracy": {"reference": 0.9, "current": 0.88}},
             },
+            "performance_estimate": {
+                "reference": 0.9,
+                "current": 0.8,
+                "current_low": 0.77,
+                "current_high": 0.83,
+                "drifted": True,
+            },
         },
         path,
     )
@@ -222,6 +274,8 @@ def test_gauge_collector_exports_the_latest_summary(tmp_path):
     assert 'tuneloop_drift_score{method="perc_text_content_drift",signal="text"} 0.81' in text
     assert 'tuneloop_drift_quality{metric="accuracy",which="current"} 0.88' in text
     assert 'tuneloop_drift_window_rows{kind="labelled"} 120.0' in text
+    assert 'tuneloop_drift_detected{kind="estimated_accuracy"} 1.0' in text
+    assert 'tuneloop_drift_estimated_accuracy{which="low"} 0.77' in text
     assert "tuneloop_drift_last_run_timestamp_seconds 1.7954352e+09" in text
     path.write_text("{not json")
     assert b"tuneloop_drift_detected" not in generate_latest(registry)  # a torn file is skipped, not fatal
