@@ -454,7 +454,7 @@ def cmd_simulate_traffic(args: argparse.Namespace) -> int:
         env.project_dir / scenario.source,
         params.data.text_column,
         params.data.label_column,
-        args.requests,
+        params.monitoring.window_size if args.requests is None else args.requests,
         args.seed,
     )
     result = simulate_traffic(
@@ -772,7 +772,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--scenario", choices=["stable", "data-drift", "concept-drift"], default="stable")
     simulate.add_argument("--env", choices=sorted(DEFAULT_GATEWAY_PORTS), default="prod")
     simulate.add_argument("--url", default=None, help="gateway URL (default: TUNELOOP_<ENV>_URL)")
-    simulate.add_argument("--requests", type=int, default=200, help="texts to send")
+    simulate.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="texts to send (default: monitoring.window_size, one drift window, so that the drift job "
+        "judges this scenario alone)",
+    )
     simulate.add_argument("--batch-size", type=int, default=1)
     simulate.add_argument("--rate", type=float, default=20.0, help="requests per second")
     simulate.add_argument("--feedback-share", type=float, default=None, help="default: the scenario's")
