@@ -741,7 +741,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history-path", default=str(TRAINING_HISTORY))
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    device = select_device(params.train.device)
+    try:
+        device = select_device(params.train.device)
+    except RuntimeError as no_device:
+        raise TrainingRefused(str(no_device)) from None
     ranks = join_processes(device)
     rank_label = f" [rank {ranks.rank}]" if ranks.world_size > 1 else ""
     logging.basicConfig(

@@ -150,6 +150,21 @@ def test_train_step_refuses_several_processes_without_a_launcher(tmp_path):
         train(frame, frame, ("x", "y"), ModelParams(base=str(tmp_path / "no-base")), params, tmp_path / "out")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_train_stage_asked_for_cuda_without_a_gpu_says_so_without_a_traceback(tmp_path):
+    params = write_params(tmp_path / "params.yaml", tmp_path / "no-base", processes=1, device="cuda")
+    stage = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--params", str(params), "--prepared-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stage.returncode == 1
+    assert "train: train.device is 'cuda' but torch sees no CUDA device" in stage.stderr
+    assert "Traceback" not in stage.stderr
+
+
 # --- 1 process against 2 processes, through the real stage (slow) ---
 
 # Without dropout (none in the base, none in LoRA) the two runs compute the same thing: the same seed,
