@@ -302,6 +302,10 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
     predict_key = create_api_key(keys, "client", ["predict"])
     admin_key = create_api_key(keys, "ops", ["admin"])
     serving_settings = settings("serving", poll_interval_s=0.5, start_timeout_s=180)
+    gateway_settings = settings("gateway")
+    # Half the key's rate limit: a 429 is not what this test is about. Unpaced, a fast machine sent
+    # about 240 requests/s, the limiter refused most of them, and the log held only the rest.
+    pace_s = 2 / gateway_settings.rate_limit_per_s
     pool = BackendPool(NAME, "prod")
     with identity("gateway"):
         supervisor = AliasSupervisor(
@@ -317,7 +321,7 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
             authenticator=Authenticator(api_keys=ApiKeyStore(keys)),
             inference_log=InferenceLogWriter(server["inference_log_url"], flush_interval_s=0.05),
             labels=list(TWO_LABELS),
-            settings=settings("gateway"),
+            settings=gateway_settings,
             default_top_k=1,
             upstream_timeout_s=30,
         )
@@ -339,6 +343,7 @@ def test_an_admin_move_to_an_unapproved_version_is_not_served(
                         "/v1/predict", json={"text": text}, headers={"X-API-Key": predict_key}
                     )
                     answers.append((response.status_code, response.json().get("model_version")))
+                    time.sleep(pace_s)
             status = gateway.get("/v1/status", headers={"X-API-Key": admin_key}).json()
             metrics = gateway.get("/metrics", headers={"X-API-Key": admin_key}).text
     logged = read_window(server["inference_log_url"])
