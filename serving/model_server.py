@@ -205,6 +205,8 @@ def start_model_server(
     env = model_server_environment(os.environ, extra_env)
     # `mlflow models serve` starts a bare `uvicorn` command: this interpreter's bin/ must come first.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    # Its output goes to a log file, where transformers' weight-loading bar is a run of redraws.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     command = [
         str(bin_dir / "mlflow"),
         "models",

@@ -162,6 +162,11 @@ def test_the_stable_address_serves_the_prod_version_with_top_k(gateway, registry
         "breaker_open": False,
         "degraded": False,
     }
+    # The model server's log reads as a log: no progress bar redrawn in it.
+    server_logs = list(
+        (Path(gateway["env"]["TUNELOOP_HOME"]) / "serving" / "prod").glob("model-server-v1-*.log")
+    )
+    assert server_logs and all("Loading weights" not in log.read_text() for log in server_logs)
 
 
 def test_bad_requests_get_a_4xx_that_says_what_is_wrong(gateway):
