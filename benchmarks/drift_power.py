@@ -56,10 +56,16 @@ from evaluation.drift import (
     DATA_SIGNALS,
     ESTIMATED_ACCURACY,
     PREDICTED,
+    SCORE,
+    TEXT,
     TRUE_LABEL,
     accuracy_drop_decision,
     accuracy_drop_test,
+    answers_frame,
+    correctness,
     cusum_design,
+    held_out_answers,
+    held_out_splits,
     macro_f1_drop_test,
     macro_f1_from_codes,
 )
@@ -678,32 +684,22 @@ def predict_answers(adapter: Path, prepared_dir: Path, drifted: Path, data: Data
     from monitoring.monitor import adapter_predictor
 
     predictor = adapter_predictor(adapter)
-    sources = {
-        "val": pd.read_parquet(prepared_dir / "val.parquet"),
-        "test": pd.read_parquet(prepared_dir / "test.parquet"),
-        "drifted": read_drifted(drifted, data),
-    }
-    parts = []
-    for name, frame in sources.items():
-        texts = frame["text"].astype(str).tolist()
-        started = time.perf_counter()
-        answers = predictor(texts)
-        log.info("predicted %d %s texts in %.1fs", len(texts), name, time.perf_counter() - started)
-        truth = frame["label"].astype(str).to_numpy()
-        predicted = answers["label"].astype(str).to_numpy()
-        parts.append(
-            pd.DataFrame(
-                {
-                    "pool": name,
-                    "text": texts,
-                    "true_label": truth,
-                    "predicted": predicted,
-                    "score": answers["score"].to_numpy(dtype=float),
-                    "correct": truth == predicted,
-                }
-            )
-        )
-    return pd.concat(parts, ignore_index=True)
+    started = time.perf_counter()
+    held_out = held_out_answers(predictor, held_out_splits(prepared_dir, ("val", "test")))
+    drifted_texts = read_drifted(drifted, data)
+    drifted_answers = answers_frame(drifted_texts["text"], drifted_texts["label"], predictor)
+    answers = pd.concat([held_out, drifted_answers.assign(split="drifted")], ignore_index=True)
+    log.info("predicted %d texts in %.1fs", len(answers), time.perf_counter() - started)
+    return pd.DataFrame(
+        {
+            "pool": answers["split"],
+            "text": answers[TEXT],
+            "true_label": answers[TRUE_LABEL],
+            "predicted": answers[PREDICTED],
+            "score": answers[SCORE].astype(float),
+            "correct": correctness(answers),
+        }
+    )
 
 
 def log_to_mlflow(report: Mapping[str, Any], files: Sequence[Path]) -> str:

@@ -79,8 +79,6 @@ def unchanged_maxima(
     few designs again and again.
     """
     rng = np.random.default_rng(seed)
-    right = np.log(drifted_accuracy / reference_accuracy)
-    wrong = np.log((1 - drifted_accuracy) / (1 - reference_accuracy))
     hits = reference_accuracy * n_reference
     true_accuracy = rng.beta(hits + 0.5, n_reference - hits + 0.5, size=paths)
     maxima = np.empty(paths)
@@ -89,7 +87,8 @@ def unchanged_maxima(
     for start in range(0, paths, chunk):
         size = min(chunk, paths - start)
         correct = rng.random((size, horizon)) < true_accuracy[start : start + size, None]
-        maxima[start : start + size] = cusum_path(wrong + (right - wrong) * correct).max(axis=1)
+        log_ratios = correctness_log_ratios(correct, reference_accuracy, drifted_accuracy)
+        maxima[start : start + size] = cusum_path(log_ratios).max(axis=1)
     maxima.sort()
     maxima.flags.writeable = False
     return maxima

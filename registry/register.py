@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from statsmodels.stats.contingency_tables import mcnemar
 
-from evaluation.drift import held_out_answers, held_out_splits
+from evaluation.drift import correctness, held_out_answers, held_out_splits
 from evaluation.gates import GateResult, check_gate
 from evaluation.generation import compare_paired, per_example_scores
 from evaluation.quality import headline_metrics
@@ -689,7 +689,7 @@ def record_reference(
     with tempfile.TemporaryDirectory(prefix="tuneloop-held-out-") as local:
         answers.to_parquet(Path(local) / name, index=False)
         client.log_artifact(run_id, str(Path(local) / name), artifact_path=folder)
-    accuracy = float((answers["label"] == answers["true_label"]).mean())
+    accuracy = float(correctness(answers).mean())
     log.info("recorded %d held-out answers (%s), accuracy %.4f", len(answers), "+".join(splits), accuracy)
 
 
